@@ -1,0 +1,1 @@
+"""Versioned LoRA adapter registry, merge, and verified GGUF export."""

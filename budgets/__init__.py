@@ -1,0 +1,1 @@
+"""System gates, cost model and the planner that spends an adaptation budget."""

@@ -1,0 +1,1 @@
+"""The daemon: settings, store, ingestion, scheduling, service lifecycle and the CLI."""
