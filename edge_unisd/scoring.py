@@ -1,0 +1,119 @@
+"""Forward passes and the chunked vocabulary path.
+
+The decoder runs once per view and returns hidden states (B, T, H): small. Logits (B, T, V) are
+never built whole, for student or teacher: the LM head, softmax, divergence and sampled-token
+log-probs run over chunks of `chunk_tokens` rows, and in training each chunk is recomputed in the
+backward pass (activation checkpointing) instead of being kept. With V=49152 a full fp32 logits
+tensor for 8 x 356 positions is 560 MB, and the naive loss keeps several of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from edge_unisd.losses import sampled_token_logps, token_divergence, token_entropy
+from edge_unisd.rollout import Rollout, left_pad
+
+
+def causal_lm(model) -> torch.nn.Module:
+    """The *ForCausalLM module under a PeftModel (LoRA layers are injected in place, so it runs them)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def lm_head_of(model) -> torch.nn.Module:
+    return causal_lm(model).get_output_embeddings()
+
+
+def decoder_of(model) -> torch.nn.Module:
+    lm = causal_lm(model)
+    return lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
+
+
+def completion_hidden(model, prompts: Sequence[Sequence[int]], rollout: Rollout, pad_id: int) -> torch.Tensor:
+    """Final-norm hidden states at the positions that predict each completion token. -> (B, L, H)
+
+    Prompts are left-padded so they all end at column P; hidden[:, P-1+j] predicts completion[j].
+    Position ids come from the attention mask so padding never shifts RoPE positions.
+    """
+    device = rollout.completion_ids.device
+    prompt_B_P, prompt_attn_B_P = left_pad(prompts, pad_id, device)
+    P, L = prompt_B_P.shape[1], rollout.completion_ids.shape[1]
+    input_ids = torch.cat([prompt_B_P, rollout.completion_ids[:, :-1]], dim=1)  # last token predicts nothing
+    attn = torch.cat([prompt_attn_B_P, rollout.completion_mask[:, :-1].long()], dim=1)
+    position_ids = (attn.cumsum(-1) - 1).clamp_min(0)
+    out = decoder_of(model)(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=False)
+    return out.last_hidden_state[:, P - 1:P - 1 + L]  # (B, L, H)
+
+
+@dataclass
+class DistillTerms:
+    divergence: torch.Tensor  # (B, L) ℓ_t, differentiable w.r.t. the student hidden states
+    student_logps: torch.Tensor  # (B, L) log p_S(y_t), τ=1, differentiable
+    teacher_logps: torch.Tensor  # (B, L) log p_T(y_t), τ=1
+    student_entropy: torch.Tensor  # (B, L) entropy of p_S, τ=1, detached
+
+
+def _chunk_terms(s_h: torch.Tensor, t_h: torch.Tensor, tokens: torch.Tensor, head: torch.nn.Module,
+                 kind: str, beta: float, temperature: float) -> tuple[torch.Tensor, ...]:
+    s_logits = head(s_h)  # (B, c, V)
+    with torch.no_grad():
+        t_logits = head(t_h)  # (B, c, V)
+    div = token_divergence(s_logits, t_logits, kind=kind, beta=beta, temperature=temperature)
+    s_logp = sampled_token_logps(s_logits, tokens)
+    with torch.no_grad():
+        t_logp = sampled_token_logps(t_logits, tokens)
+        ent = token_entropy(s_logits.detach())
+    return div, s_logp, t_logp, ent
+
+
+def _positions_per_chunk(batch: int, chunk_tokens: int) -> int:
+    return max(1, chunk_tokens // max(1, batch))
+
+
+def chunked_distill_terms(student_h: torch.Tensor, teacher_h: torch.Tensor, head: torch.nn.Module,
+                          tokens: torch.Tensor, *, kind: str = "fkl", beta: float = 0.5,
+                          temperature: float = 1.0, chunk_tokens: int = 256) -> DistillTerms:
+    """Per-token divergence and sampled-token log-probs, chunk by chunk over positions. (B,L,H) x2 -> (B,L)"""
+    B, L, _ = student_h.shape
+    step = _positions_per_chunk(B, chunk_tokens)
+    train = torch.is_grad_enabled() and student_h.requires_grad
+    parts = []
+    for start in range(0, L, step):
+        args = (student_h[:, start:start + step], teacher_h[:, start:start + step].detach(),
+                tokens[:, start:start + step], head, kind, beta, temperature)
+        parts.append(checkpoint(_chunk_terms, *args, use_reentrant=False) if train else _chunk_terms(*args))
+    div, s_logp, t_logp, ent = (torch.cat([p[i] for p in parts], dim=1) for i in range(4))
+    return DistillTerms(div, s_logp, t_logp.detach(), ent.detach())
+
+
+def _chunk_logps(h: torch.Tensor, tokens: torch.Tensor, head: torch.nn.Module, temperature: float) -> torch.Tensor:
+    return sampled_token_logps(head(h), tokens, temperature)
+
+
+def chunked_token_logps(hidden: torch.Tensor, head: torch.nn.Module, tokens: torch.Tensor, *,
+                        temperature: float = 1.0, chunk_tokens: int = 256) -> torch.Tensor:
+    """log p(y_t) from hidden states, chunked (differentiable when `hidden` is). (B,L,H),(B,L) -> (B,L)"""
+    B, L, _ = hidden.shape
+    step = _positions_per_chunk(B, chunk_tokens)
+    train = torch.is_grad_enabled() and hidden.requires_grad
+    parts = []
+    for start in range(0, L, step):
+        args = (hidden[:, start:start + step], tokens[:, start:start + step], head, temperature)
+        parts.append(checkpoint(_chunk_logps, *args, use_reentrant=False) if train else _chunk_logps(*args))
+    return torch.cat(parts, dim=1)
+
+
+@torch.no_grad()
+def view_token_logps(model, view_prompts_K: Sequence[Sequence[Sequence[int]]], rollout: Rollout, pad_id: int,
+                     chunk_tokens: int = 256) -> torch.Tensor:
+    """log p(y_t | c_k, x, y<t) for K views, all K batched into one forward, τ=1, no grad. -> (K, B, L)"""
+    K, B = len(view_prompts_K), rollout.completion_ids.shape[0]
+    flat_prompts = [p for view in view_prompts_K for p in view]
+    stacked = Rollout(rollout.completion_ids.repeat(K, 1), rollout.completion_mask.repeat(K, 1))
+    h_KB_L_H = completion_hidden(model, flat_prompts, stacked, pad_id)
+    logps_KB_L = chunked_token_logps(h_KB_L_H, lm_head_of(model), stacked.completion_ids, chunk_tokens=chunk_tokens)
+    return logps_KB_L.view(K, B, -1)
