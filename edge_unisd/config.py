@@ -32,6 +32,7 @@ class RolloutSettings(_Strict):
     temperature: float = Field(0.7, ge=0, le=5, description="sampling temperature of on-policy rollouts (0: greedy)")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
     max_new_tokens: int = Field(64, ge=1, le=4096, description="completion length cap; stops early at EOS")
+    min_new_tokens: int = Field(0, ge=0, le=4096, description="suppress EOS before this many tokens (benchmarks)")
 
 
 class OptimSettings(_Strict):
@@ -86,9 +87,13 @@ class MethodConfig(_Strict):
     optim: OptimSettings = Field(default_factory=OptimSettings)
 
     @model_validator(mode="after")
-    def _check_batches(self) -> MethodConfig:
-        if self.optim.batch_size % self.optim.micro_batch_size and self.optim.micro_batch_size < self.optim.batch_size:
-            raise ValueError("optim.batch_size must be a multiple of optim.micro_batch_size")
+    def _check_consistency(self) -> MethodConfig:
+        # micro_batch_size > batch_size is allowed: the step then runs one micro-batch of batch_size
+        if self.optim.micro_batch_size < self.optim.batch_size and self.optim.batch_size % self.optim.micro_batch_size:
+            raise ValueError(f"optim.batch_size ({self.optim.batch_size}) must be a multiple of "
+                             f"optim.micro_batch_size ({self.optim.micro_batch_size})")
+        if self.clip and self.clip_cap is None and self.clip_quantile is None:
+            raise ValueError("clip is on but clip_cap and clip_quantile are both unset; set clip_cap (e.g. 10)")
         return self
 
     @property
@@ -96,11 +101,11 @@ class MethodConfig(_Strict):
         return self.mode == "distill" and self.agreement != "none"
 
 
-_SD: dict[str, Any] = {"mode": "distill", "teacher": "live"}
+_SD: dict[str, Any] = {"mode": "distill", "teacher": "base"}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # plain on-policy self-distillation: live weights + privileged context teach the student
-    "sd": dict(_SD),
+    "sd": dict(_SD),  # frozen base + context as teacher: the fixed target TRL's SDFT comparison uses
     # static imitation baseline: NLL of references (or of the teacher's own completion where none)
     "sft": {"mode": "sft"},
     "ema": {**_SD, "teacher": "ema"},
@@ -134,7 +139,8 @@ def format_validation_error(err: ValidationError, where: str = "") -> str:
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(root)"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        got = "" if e["type"] == "extra_forbidden" else f" (got {e.get('input')!r})"
+        value = e.get("input")
+        got = "" if e["type"] == "extra_forbidden" or isinstance(value, dict) else f" (got {value!r})"
         lines.append(f"{where}{key}: {msg}{got}")
     return "; ".join(lines)
 

@@ -17,8 +17,8 @@ AGREEMENT_STATISTICS = ("var", "range")
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of `values` over positions where `mask` is set; 0 (not NaN) when nothing is."""
-    m = mask.to(values.dtype)
-    return (values * m).sum() / m.sum().clamp_min(1)
+    keep = mask.bool()
+    return torch.where(keep, values, torch.zeros_like(values)).sum() / keep.sum().clamp_min(1)
 
 
 def _kl_from_logps(logp_a: torch.Tensor, logp_b: torch.Tensor) -> torch.Tensor:
@@ -39,7 +39,7 @@ def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     s_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (B, T, V)
-    t_logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (B, T, V)
+    t_logp = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)  # (B, T, V), a target only
     if kind == "fkl" or (kind == "jsd" and beta == 0.0):
         return _kl_from_logps(t_logp, s_logp)
     if kind == "rkl" or (kind == "jsd" and beta == 1.0):
@@ -96,8 +96,9 @@ def token_agreement_weights(view_logps: torch.Tensor, mask: torch.Tensor, gamma:
 def sequence_agreement_weights(view_logps: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
                                statistic: str = "var", floor: float = 1e-6) -> torch.Tensor:
     """w = max(floor, exp(-γ Δ)), Δ the spread over views of each view's mean token log-prob. (K,B,T) -> (B,)"""
-    m = mask.to(torch.float32)
-    seq_logps_K_B = (view_logps.float() * m).sum(-1) / m.sum(-1).clamp_min(1)
+    keep = mask.bool()
+    masked_K_B_T = torch.where(keep, view_logps.float(), torch.zeros_like(view_logps, dtype=torch.float32))
+    seq_logps_K_B = masked_K_B_T.sum(-1) / keep.sum(-1).clamp_min(1)
     delta_B = _across_views(seq_logps_K_B, statistic)
     return torch.exp(-gamma * delta_B).clamp_min(floor).detach()
 
@@ -109,14 +110,13 @@ def weighted_token_mean(per_token: torch.Tensor, mask: torch.Tensor,
     Normalised by the token count, not by Σw: a sequence-level weight must scale that sequence's
     contribution (reference defect 2 divides it out again). Sequences without tokens are skipped.
     """
-    m = mask.to(per_token.dtype)
+    keep = mask.bool()
+    weighted = per_token
     if weights is not None:
         w = weights.to(per_token.dtype)
-        m_w = m * (w[:, None] if w.dim() == 1 else w)
-    else:
-        m_w = m
-    counts_B = m.sum(-1)
-    per_seq_B = (per_token * m_w).sum(-1) / counts_B.clamp_min(1)
+        weighted = per_token * (w[:, None] if w.dim() == 1 else w)
+    counts_B = keep.sum(-1)
+    per_seq_B = torch.where(keep, weighted, torch.zeros_like(weighted)).sum(-1) / counts_B.clamp_min(1)
     has_tokens = counts_B > 0
     return (per_seq_B * has_tokens).sum() / has_tokens.sum().clamp_min(1)
 

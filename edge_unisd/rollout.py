@@ -55,7 +55,8 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 @torch.no_grad()
 def generate_completions(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                         temperature: float = 0.7, top_p: float = 1.0, seed: int | None = None) -> Rollout:
+                         temperature: float = 0.7, top_p: float = 1.0, seed: int | None = None,
+                         min_new_tokens: int = 0) -> Rollout:
     """Sample one completion per prompt from `model` as it is now (adapter on): on-policy data."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -68,6 +69,7 @@ def generate_completions(model, tokenizer, prompts: Sequence[Sequence[int]], *, 
     sample = temperature > 0
     out = model.generate(
         input_ids=ids_B_P, attention_mask=attn_B_P, max_new_tokens=max_new_tokens,
+        min_new_tokens=min(min_new_tokens, max_new_tokens) or None,
         do_sample=sample, temperature=temperature if sample else None, top_p=top_p if sample else None,
         top_k=None, eos_token_id=eos, pad_token_id=pad_id,
     )

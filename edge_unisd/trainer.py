@@ -190,7 +190,7 @@ class UniSDTrainer:
     def _rollout(self, prompts: list[list[int]]) -> Rollout:
         r = self.cfg.rollout
         return generate_completions(self.model, self.tokenizer, prompts, max_new_tokens=r.max_new_tokens,
-                                    temperature=r.temperature, top_p=r.top_p,
+                                    temperature=r.temperature, top_p=r.top_p, min_new_tokens=r.min_new_tokens,
                                     seed=self.cfg.seed * 1_000_003 + self.step_count)
 
     def _distill_micro_step(self, items: Sequence[Item], view_item_ids: Collection[str], scale: float,

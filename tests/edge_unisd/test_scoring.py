@@ -1,0 +1,88 @@
+"""The chunked vocabulary path equals the plain full-logits computation, values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from edge_unisd.losses import sampled_token_logps, token_divergence, token_entropy
+from edge_unisd.rollout import Rollout
+from edge_unisd.scoring import chunked_distill_terms, chunked_token_logps, completion_hidden, view_token_logps
+
+
+def _head_and_hidden(B=3, L=7, H=16, V=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(H, V, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, H, generator=g))
+    s_h = torch.randn(B, L, H, generator=g).requires_grad_(True)
+    t_h = torch.randn(B, L, H, generator=g)
+    tokens = torch.randint(0, V, (B, L), generator=g)
+    return head, s_h, t_h, tokens
+
+
+@pytest.mark.parametrize("kind", ["fkl", "rkl", "jsd"])
+@pytest.mark.parametrize("chunk_tokens", [1, 4, 9, 1000])
+def test_chunked_terms_match_unchunked_values_and_grads(kind, chunk_tokens):
+    head, s_h, t_h, tokens = _head_and_hidden()
+    terms = chunked_distill_terms(s_h, t_h, head, tokens, kind=kind, beta=0.3, temperature=0.7,
+                                  chunk_tokens=chunk_tokens)
+    (terms.divergence.sum() + terms.student_logps.sum()).backward()
+    grad_chunked = s_h.grad.clone()
+    s_h.grad = None
+
+    s_logits, t_logits = head(s_h), head(t_h).detach()  # full (B, L, V): the thing chunking avoids
+    div = token_divergence(s_logits, t_logits, kind=kind, beta=0.3, temperature=0.7)
+    s_logp = sampled_token_logps(s_logits, tokens)
+    (div.sum() + s_logp.sum()).backward()
+
+    assert_close(terms.divergence, div, atol=1e-5, rtol=1e-5)
+    assert_close(terms.student_logps, s_logp, atol=1e-5, rtol=1e-5)
+    assert_close(terms.teacher_logps, sampled_token_logps(t_logits, tokens), atol=1e-5, rtol=1e-5)
+    assert_close(terms.student_entropy, token_entropy(s_logits.detach()), atol=1e-5, rtol=1e-5)
+    assert_close(grad_chunked, s_h.grad, atol=1e-5, rtol=1e-5)
+    assert not terms.teacher_logps.requires_grad and not terms.student_entropy.requires_grad
+
+
+def test_teacher_hidden_gets_no_gradient():
+    head, s_h, t_h, tokens = _head_and_hidden()
+    t_h.requires_grad_(True)
+    chunked_distill_terms(s_h, t_h, head, tokens, chunk_tokens=4).divergence.sum().backward()
+    assert t_h.grad is None and s_h.grad is not None
+
+
+def test_chunked_token_logps_match_and_differentiate():
+    head, s_h, _, tokens = _head_and_hidden(seed=3)
+    got = chunked_token_logps(s_h, head, tokens, chunk_tokens=5)
+    got.sum().backward()
+    g = s_h.grad.clone()
+    s_h.grad = None
+    want = sampled_token_logps(head(s_h), tokens)
+    want.sum().backward()
+    assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert_close(g, s_h.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_completion_hidden_is_padding_invariant(tiny_model):
+    """Left padding a short prompt next to a long one must not change its hidden states (positions from mask)."""
+    completion = torch.tensor([[5, 6, 7, 2]])
+    one = Rollout(completion, torch.ones(1, 4))
+    with torch.no_grad():
+        alone = completion_hidden(tiny_model, [[1, 10, 11]], one, pad_id=2)
+        two = Rollout(completion.repeat(2, 1), torch.ones(2, 4))
+        batched = completion_hidden(tiny_model, [[1, 10, 11], [1, 20, 21, 22, 23, 24]], two, pad_id=2)
+    assert_close(batched[0], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_view_logps_batch_the_views_and_match_single_forwards(tiny_model):
+    completion = torch.tensor([[5, 6, 7, 2], [8, 9, 2, 2]])
+    rollout = Rollout(completion, torch.tensor([[1.0, 1, 1, 1], [1, 1, 1, 0]]))
+    views = [[[1, 10, 11], [1, 12]], [[1, 30, 31, 32], [1, 40]]]  # K=2 views x B=2 prompts
+    got_K_B_L = view_token_logps(tiny_model, views, rollout, pad_id=2, chunk_tokens=3)
+    assert got_K_B_L.shape == (2, 2, 4)
+    for k in range(2):
+        with torch.no_grad():
+            h = completion_hidden(tiny_model, views[k], rollout, pad_id=2)
+            want = sampled_token_logps(tiny_model.get_output_embeddings()(h), completion)
+        assert_close(got_K_B_L[k], want, atol=1e-5, rtol=1e-5)
