@@ -70,7 +70,8 @@ def main() -> None:
     print(json.dumps(result))
     print(f"\n{'peak RSS of one step':28s} {result['peak_rss_gb']:.2f} GB   (after load {rss_loaded:.2f} GB)")
     print(f"{'batch x completion tokens':28s} {args.batch} x {args.tokens} = {report.tokens['completion']}")
-    print(f"{'step time':28s} {seconds:.1f} s   " + "  ".join(f"{k} {v:.1f}" for k, v in result['stage_seconds'].items()))
+    stages = "  ".join(f"{k} {v:.1f}" for k, v in result["stage_seconds"].items())
+    print(f"{'step time':28s} {seconds:.1f} s   {stages}")
 
 
 if __name__ == "__main__":

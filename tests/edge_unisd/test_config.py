@@ -101,7 +101,8 @@ def test_unknown_preset_is_named():
 
 
 def test_batch_size_must_be_a_multiple_of_micro_batch_size():
-    with pytest.raises(ConfigError, match=r"optim\.batch_size \(6\) must be a multiple of optim\.micro_batch_size \(4\)"):
+    message = r"optim\.batch_size \(6\) must be a multiple of optim\.micro_batch_size \(4\)"
+    with pytest.raises(ConfigError, match=message):
         load_method_config("sd", {"optim": {"batch_size": 6, "micro_batch_size": 4}})
     cfg = load_method_config("sd", {"optim": {"batch_size": 8, "micro_batch_size": 2}})
     assert cfg.optim.batch_size // cfg.optim.micro_batch_size == 4
