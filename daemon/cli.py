@@ -7,9 +7,11 @@ every command that reports takes `--json`. `ingest` exits 1 when some rows were 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -220,6 +222,114 @@ def cmd_forget(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress_line():
+    """A one-line live status on stderr when it is a terminal; nothing otherwise (logs say the rest)."""
+    if not sys.stderr.isatty():
+        return None
+
+    def write(msg: str) -> None:
+        sys.stderr.write("\r\033[K" + msg[:200])
+        sys.stderr.flush()
+
+    return write
+
+
+@contextlib.contextmanager
+def _graceful_stop():
+    """First Ctrl-C / SIGTERM: stop after the current step and checkpoint; a second one aborts at once."""
+    requested: list[int] = []
+
+    def handler(signum: int, _frame: Any) -> None:
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signum)
+        print("\nedge-unisd: stopping after this step (again to abort)...", file=sys.stderr)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: bool(requested)
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    if not args.once:
+        raise CliError("adapt runs one round now with --once; `edge-unisd run` schedules rounds")
+    if args.max_seconds is not None and not args.max_seconds > 0:
+        raise CliError(f"--max-seconds must be a positive number of seconds (got {args.max_seconds:g})")
+    if args.max_items is not None and args.max_items < 1:
+        raise CliError(f"--max-items must be at least 1 (got {args.max_items})")
+    home = Home.resolve(args.home).require()
+    from daemon.jobs import AdaptError, adapt_once  # imports torch: only here
+
+    progress = _progress_line()
+    try:
+        with _graceful_stop() as stop_requested:
+            result = adapt_once(home, max_seconds=args.max_seconds, max_items=args.max_items,
+                                preset=args.preset, force=args.force, should_stop=stop_requested,
+                                progress=progress)
+    except AdaptError as e:
+        raise CliError(str(e)) from None
+    finally:
+        if progress is not None:
+            sys.stderr.write("\n")
+    if args.json:
+        _print_json(result)
+    else:
+        print(_describe_round(result))
+    return 0
+
+
+def _describe_round(r: dict[str, Any]) -> str:
+    if r["status"] == "skipped":
+        return f"skipped: {r['reason']}"
+    steps, secs = r["steps"], r["seconds"]
+    lines = [f"round {r['round']} ({r['preset']}): {r['status']}: {r['reason']}",
+             f"  items:   {r['items']} ({r['new_items']} new, {r['replay_items']} replay), "
+             f"K views for {r['view_items']}",
+             f"  steps:   {steps['done']}/{steps['planned']}"
+             + (f" (resumed at {r['resumed_from_step']})" if r.get("resumed_from_step") else "")]
+    if r.get("loss"):
+        lines.append(f"  loss:    {r['loss']['first']:.4f} -> {r['loss']['last']:.4f}")
+    lines.append(f"  seconds: {secs['spent_seconds']:.1f} spent of {secs['budget_seconds']:.0f} budget "
+                 f"(predicted {secs['predicted_seconds']:.1f})")
+    if r["status"] == "preempted":
+        lines.append(f"  resume:  edge-unisd adapt --once (checkpoint {r['checkpoint']})")
+    else:
+        lines.append(f"  adapter: {r['adapter']['version']} at {r['adapter']['path']}")
+    return "\n".join(lines)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    home = Home.resolve(args.home).require()
+    from daemon.jobs import AdaptError, evaluate_current  # imports torch: only here
+
+    progress = _progress_line()
+    try:
+        result = evaluate_current(home, progress=progress)
+    except AdaptError as e:
+        raise CliError(str(e)) from None
+    finally:
+        if progress is not None:
+            sys.stderr.write("\n")
+    if args.json:
+        _print_json(result)
+        return 0
+    m = result["metrics"]
+
+    def fmt(x: float | None, spec: str = ".4f") -> str:
+        return "n/a" if x is None else format(x, spec)
+
+    print(f"adapter:   {result['adapter'] or 'none (base model)'}")
+    print(f"fit:       {fmt(m['fit_nll'])} nats/token NLL of {m['fit_items']} held-out reference answers "
+          "(lower is better)")
+    print(f"retention: {fmt(m['retention_jsd'])} JSD vs base on general prompts "
+          f"(bound {result['bounds']['max_retention_jsd']:g})")
+    print(f"accuracy:  {fmt(m['accuracy'], '.1%')} of {m['accuracy_items']} checked held-out items")
+    return 0
+
+
 # --- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,6 +372,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="items received before this ISO date/time (local time)")
     which.add_argument("--all", action="store_true", help="every item")
     p.set_defaults(func=cmd_forget)
+
+    p = sub.add_parser("adapt", parents=[home, as_json],
+                       help="run one adaptation round now: train, evaluate, promote or reject")
+    p.add_argument("--once", action="store_true", help="run one round and exit (required)")
+    p.add_argument("--max-seconds", type=float, default=None, metavar="S",
+                   help="training budget of this round (default: round_budget_seconds of the settings)")
+    p.add_argument("--max-items", type=int, default=None, metavar="N", help="train on at most N items")
+    p.add_argument("--preset", default=None, help="method preset (default: the settings' preset)")
+    p.add_argument("--force", action="store_true",
+                   help="ignore the gates (power, load, windows), not the budget")
+    p.set_defaults(func=cmd_adapt)
+
+    p = sub.add_parser("eval", parents=[home, as_json],
+                       help="gate metrics of the current adapter on the held-out items")
+    p.set_defaults(func=cmd_eval)
 
     demo = sub.add_parser("demo", help="end-to-end UniSD adaptation of the bundled model on sample items")
     demo.add_argument("--home", default=None, help="home directory (default: a temporary one)")

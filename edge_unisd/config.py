@@ -78,7 +78,9 @@ class MethodConfig(_Strict):
     contrastive_weight: float = Field(0.0, ge=0, le=10, description="λ_c of the token contrastive term")
     contrastive_margin: float = Field(0.5, ge=0, le=100, description="margin of the contrastive term")
     feature_weight: float = Field(0.0, ge=0, le=10, description="λ_f of last-hidden-state feature matching")
-    chunk_tokens: int = Field(1024, ge=16, le=1 << 20,
+    score_batch_size: int = Field(4, ge=1, le=1024,
+                                  description="sequences per no-grad teacher/view forward: bounds attention memory")
+    chunk_tokens: int = Field(256, ge=16, le=1 << 20,
                               description="rows (batch x positions) per vocabulary chunk: bounds logits memory")
     gradient_checkpointing: bool = Field(True, description="recompute decoder activations in backward (memory)")
     seed: int = Field(0, ge=0, description="seed for rollouts, views and data order")

@@ -33,12 +33,22 @@ def decoder_of(model) -> torch.nn.Module:
     return lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
 
 
-def completion_hidden(model, prompts: Sequence[Sequence[int]], rollout: Rollout, pad_id: int) -> torch.Tensor:
+def completion_hidden(model, prompts: Sequence[Sequence[int]], rollout: Rollout, pad_id: int,
+                      max_batch: int | None = None) -> torch.Tensor:
     """Final-norm hidden states at the positions that predict each completion token. -> (B, L, H)
 
     Prompts are left-padded so they all end at column P; hidden[:, P-1+j] predicts completion[j].
     Position ids come from the attention mask so padding never shifts RoPE positions.
+    Without gradient, `max_batch` runs the rows in sub-batches: teacher prompts carry long contexts
+    and attention over them is the peak of a step's memory on CPU.
     """
+    B = len(prompts)
+    if max_batch and B > max_batch and not torch.is_grad_enabled():
+        parts = [completion_hidden(model, prompts[i:i + max_batch],
+                                   Rollout(rollout.completion_ids[i:i + max_batch],
+                                           rollout.completion_mask[i:i + max_batch]), pad_id)
+                 for i in range(0, B, max_batch)]
+        return torch.cat(parts, dim=0)
     device = rollout.completion_ids.device
     prompt_B_P, prompt_attn_B_P = left_pad(prompts, pad_id, device)
     P, L = prompt_B_P.shape[1], rollout.completion_ids.shape[1]
@@ -109,11 +119,11 @@ def chunked_token_logps(hidden: torch.Tensor, head: torch.nn.Module, tokens: tor
 
 @torch.no_grad()
 def view_token_logps(model, view_prompts_K: Sequence[Sequence[Sequence[int]]], rollout: Rollout, pad_id: int,
-                     chunk_tokens: int = 256) -> torch.Tensor:
+                     chunk_tokens: int = 256, max_batch: int | None = None) -> torch.Tensor:
     """log p(y_t | c_k, x, y<t) for K views, all K batched into one forward, τ=1, no grad. -> (K, B, L)"""
     K, B = len(view_prompts_K), rollout.completion_ids.shape[0]
     flat_prompts = [p for view in view_prompts_K for p in view]
     stacked = Rollout(rollout.completion_ids.repeat(K, 1), rollout.completion_mask.repeat(K, 1))
-    h_KB_L_H = completion_hidden(model, flat_prompts, stacked, pad_id)
+    h_KB_L_H = completion_hidden(model, flat_prompts, stacked, pad_id, max_batch)
     logps_KB_L = chunked_token_logps(h_KB_L_H, lm_head_of(model), stacked.completion_ids, chunk_tokens=chunk_tokens)
     return logps_KB_L.view(K, B, -1)

@@ -206,7 +206,8 @@ class UniSDTrainer:
             model.eval()
             teacher_prompts = self._prompts(items, [primary_context(it, self.profile) for it in items])
             with teacher_weights(model, cfg.teacher, self.ema):
-                teacher_h_B_L_H = completion_hidden(model, teacher_prompts, rollout, self.pad_id)
+                teacher_h_B_L_H = completion_hidden(model, teacher_prompts, rollout, self.pad_id,
+                                                    cfg.score_batch_size)
         # --- K auxiliary views for the routed items only (the expensive part) ---
         weights = None
         weight_mean, weight_min = 1.0, 1.0
@@ -270,7 +271,8 @@ class UniSDTrainer:
         contexts_B_K = [self.views.auxiliary_contexts(it, emb[j]) for j, it in enumerate(sub_items)]
         view_prompts_K = [self._prompts(sub_items, [c[k] for c in contexts_B_K]) for k in range(cfg.num_views)]
         with teacher_weights(self.model, cfg.teacher, self.ema):
-            view_logps_K_b_L = view_token_logps(self.model, view_prompts_K, sub, self.pad_id, cfg.chunk_tokens)
+            view_logps_K_b_L = view_token_logps(self.model, view_prompts_K, sub, self.pad_id, cfg.chunk_tokens,
+                                                cfg.score_batch_size)
         mask = rollout.completion_mask
         if cfg.agreement == "token":
             w_b_L = token_agreement_weights(view_logps_K_b_L, sub.completion_mask, cfg.agreement_gamma,
@@ -293,7 +295,8 @@ class UniSDTrainer:
         sub = Rollout(rollout.completion_ids[neg_idx], rollout.completion_mask[neg_idx])
         prompts = self._prompts([items[i] for i in neg_idx], [negative_context(items[i]) for i in neg_idx])
         with teacher_weights(self.model, self.cfg.teacher, self.ema):
-            return view_token_logps(self.model, [prompts], sub, self.pad_id, self.cfg.chunk_tokens)[0]
+            return view_token_logps(self.model, [prompts], sub, self.pad_id, self.cfg.chunk_tokens,
+                                    self.cfg.score_batch_size)[0]
 
     def _sft_micro_step(self, items: Sequence[Item], scale: float, timer: _StageTimer) -> dict:
         """Static imitation: NLL of the reference, or of the base teacher's own completion where none."""

@@ -86,3 +86,13 @@ def test_view_logps_batch_the_views_and_match_single_forwards(tiny_model):
             h = completion_hidden(tiny_model, views[k], rollout, pad_id=2)
             want = sampled_token_logps(tiny_model.get_output_embeddings()(h), completion)
         assert_close(got_K_B_L[k], want, atol=1e-5, rtol=1e-5)
+
+
+def test_sub_batched_no_grad_forward_matches_one_batch(tiny_model):
+    completion = torch.tensor([[5, 6, 7, 2], [8, 9, 2, 2], [3, 4, 5, 6]])
+    rollout = Rollout(completion, torch.tensor([[1.0, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]]))
+    prompts = [[1, 10, 11], [1, 12], [1, 30, 31, 32, 33]]
+    with torch.no_grad():
+        whole = completion_hidden(tiny_model, prompts, rollout, pad_id=2)
+        split = completion_hidden(tiny_model, prompts, rollout, pad_id=2, max_batch=2)
+    assert_close(split, whole, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,277 @@
+"""`adapt_once` and `edge-unisd adapt/eval` end to end on a tiny random llama with the bundled tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import torch
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from budgets.sensors import SensorReadings
+from daemon import jobs
+from daemon.cli import _describe_round, main
+from daemon.evaluation import EvalSettings
+from daemon.home import Home
+from daemon.settings import write_default_settings
+from daemon.store import LedgerEntry, Store
+from edge_unisd.items import IngestRow
+from edge_unisd.modeling import BaseSource, LoadedModel
+
+# Small and fast: 4-token rollouts, batches of 4 (8 training items: 2 steps), rank-4 LoRA, K=2 views.
+OVERRIDES = {"rollout": {"max_new_tokens": 4}, "optim": {"batch_size": 4, "micro_batch_size": 4, "lr": 1e-3},
+             "lora": {"rank": 4, "alpha": 8}, "num_views": 2, "gradient_checkpointing": False}
+# A small round moves the random model's held-out NLL unpredictably; these tests are about the flow, so
+# fit may vary, and the retention bound is what a harmful adapter breaks.
+EVAL = EvalSettings(general_prompts=2, retention_new_tokens=4, accuracy_new_tokens=4, max_retention_jsd=0.1,
+                    fit_tolerance=10.0)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for var in list(os.environ):
+        if var.startswith("EDGE_UNISD_"):
+            monkeypatch.delenv(var)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The bundled tokenizer from the converted-model cache (no model weights loaded)."""
+    from transformers import AutoTokenizer
+
+    from edge_unisd.modeling import gguf_to_hf_folder, resolve_base
+
+    t = AutoTokenizer.from_pretrained(gguf_to_hf_folder(resolve_base(None)))
+    if t.pad_token_id is None:
+        t.pad_token = t.eos_token
+    return t
+
+
+@pytest.fixture
+def loader(tok):
+    """Stands in for load_base: the same tiny random base on every call (adapters are saved apart)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def load(spec: str | None) -> LoadedModel:
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
+                          pad_token_id=2, tie_word_embeddings=True, initializer_range=0.5)  # peaked outputs
+        model = LlamaForCausalLM(cfg).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        source = BaseSource("hf", Path("/tiny"), "tiny-llama-seed0")
+        return LoadedModel(model, tok, source, torch.device("cpu"), torch.float32)
+
+    return load
+
+
+def readings(on_ac: bool = True) -> SensorReadings:
+    return SensorReadings(taken_at=datetime.now().astimezone(), on_ac=on_ac, has_battery=True,
+                          battery_percent=80.0 if on_ac else 20.0, load_avg_1m=0.1, cpu_count=2,
+                          cpu_percent=5.0, self_cpu_percent=0.0, memory_available_bytes=8 << 30,
+                          memory_total_bytes=16 << 30, max_temperature_c=45.0)
+
+
+def ingest(home: Home, n: int, start: int = 0, held_out: int = 0) -> list[str]:
+    rows = [IngestRow(prompt=f"Question {i}: what is my favourite number?", reference=f"It is {i}.",
+                      id=f"q{i}") for i in range(start, start + n)]
+    with Store.open(home) as store:
+        ids = store.add_items(rows).item_ids
+        store.set_held_out(ids[:held_out])
+    return ids
+
+
+@pytest.fixture
+def home(tmp_path) -> Home:
+    h = Home(tmp_path / "home").create()
+    write_default_settings(h.settings)
+    with Store.open(h) as store:
+        store.set_profile("My favourite number is 7. I like short answers.")
+    ingest(h, 10, held_out=2)
+    return h
+
+
+def adapt(home: Home, loader, **kw) -> dict:
+    kw.setdefault("sensors", readings)
+    return jobs.adapt_once(home, model_loader=loader, overrides=OVERRIDES, eval_settings=EVAL, **kw)
+
+
+def ledger_rows(home: Home) -> list[LedgerEntry]:
+    with Store.open(home) as store, Session(store.engine) as s:
+        return list(s.scalars(select(LedgerEntry)))
+
+
+# --- a round -------------------------------------------------------------------------------------
+
+def test_a_round_trains_stores_a_version_and_records_everything(home, loader):
+    seen: list[str] = []
+    r = adapt(home, loader, progress=seen.append)
+    json.dumps(r)  # what --json prints
+    assert r["status"] == "promoted", r["reason"]
+    assert (r["items"], r["new_items"], r["steps"]["planned"], r["steps"]["done"]) == (8, 8, 2, 2)
+    assert r["metrics"]["before"]["fit_items"] == 2 and r["metrics"]["after"]["fit_nll"] is not None
+    assert r["metrics"]["after"]["retention_jsd"] > 0 and r["loss"]["last"] >= 0
+    assert r["seconds"]["predicted_seconds"] > 0 and r["seconds"]["spent_seconds"] > 0
+    assert any(m.startswith("step 2/2") for m in seen)
+    with Store.open(home) as store:
+        assert store.count_items().pending == 0  # the 8 training items count as trained
+        (version,) = store.adapter_versions()
+        assert (version.version, version.status) == (r["adapter"]["version"], "promoted")
+        assert version.metrics["verdict"]["promote"] and version.metrics["after"] == r["metrics"]["after"]
+        last = store.last_round()
+        assert (last.status, last.adapter_version, last.n_items) == ("done", version.version, 8)
+        assert set(store.get_meta(jobs.UNCERTAINTY_META)) <= {f"q{i}" for i in range(2, 10)}
+    adapter_dir = Path(r["adapter"]["path"])
+    assert (adapter_dir / "adapter_config.json").is_file()
+    assert adapter_dir.stat().st_mode & 0o777 == 0o700
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in adapter_dir.iterdir())
+    (row,) = ledger_rows(home)
+    assert row.round_id == r["round"] and row.spent == pytest.approx(r["seconds"]["spent_seconds"])
+    assert row.gates["open"] and row.gates["forced"] is False
+    assert (home.root / jobs.COST_MODEL_FILE).is_file()  # refit from the step timings
+    assert not any((home.checkpoints / f).exists() for f in (jobs.PLAN_FILE, jobs.CHECKPOINT_FILE))
+    text = _describe_round(r)  # what `adapt --once` prints without --json
+    assert text.startswith(f"round {r['round']} (edge): promoted: ") and r["adapter"]["path"] in text
+    again = adapt(home, loader)
+    assert again["status"] == "skipped" and "no new items" in again["reason"]
+    assert _describe_round(again).startswith("skipped: no new items")
+
+
+def test_closed_gates_skip_the_round_unless_forced(home, loader):
+    r = adapt(home, loader, sensors=lambda: readings(on_ac=False))
+    assert r["status"] == "skipped" and "power: on battery at 20%" in r["reason"]
+    with Store.open(home) as store:
+        assert store.last_round() is None and store.count_items().pending == 8
+    forced = adapt(home, loader, sensors=lambda: readings(on_ac=False), force=True, max_items=4)
+    assert forced["status"] in ("promoted", "rejected") and forced["items"] == 4  # the budget still holds
+    (row,) = ledger_rows(home)
+    assert row.gates["forced"] is True and row.gates["open"] is False
+
+
+def test_the_next_round_continues_from_the_current_version_and_replays(home, loader):
+    first = adapt(home, loader)
+    ingest(home, 4, start=100)
+    second = adapt(home, loader, max_items=4)
+    assert second["status"] == "promoted", second["reason"]
+    assert second["adapter"]["parent"] == first["adapter"]["version"]
+    assert (second["new_items"], second["replay_items"]) == (3, 1)  # a replay share against forgetting
+    # the first version's "after" is the second round's "before" (served from the cache)
+    assert second["metrics"]["before"] == first["metrics"]["after"]
+    assert second["metrics"]["after"]["drift_jsd"] is not None  # measured against the first version
+    with Store.open(home) as store:
+        assert jobs.current_adapter(store).version == second["adapter"]["version"]
+        assert store.count_items().pending == 1
+
+
+def test_the_gate_rejects_a_harmful_adapter_and_keeps_the_previous_version(home, loader, monkeypatch):
+    first = adapt(home, loader)
+    assert first["status"] == "promoted", first["reason"]
+    ingest(home, 4, start=100)
+    import edge_unisd.trainer as trainer_mod
+
+    real_run_round = trainer_mod.run_round
+
+    def harmful_run_round(trainer, *args, **kw):
+        result = real_run_round(trainer, *args, **kw)
+        with torch.no_grad():  # a deliberately harmful update: large random LoRA matrices
+            for name, p in trainer.model.named_parameters():
+                if ".default." in name and "lora_" in name:
+                    p.copy_(torch.randn_like(p) * 2.0)
+        return result
+
+    monkeypatch.setattr(trainer_mod, "run_round", harmful_run_round)
+    r = adapt(home, loader)
+    assert r["status"] == "rejected" and "retention JSD vs base" in r["reason"]
+    assert r["metrics"]["after"]["retention_jsd"] > EVAL.max_retention_jsd
+    with Store.open(home) as store:
+        assert jobs.current_adapter(store).version == first["adapter"]["version"]
+        rejected = next(v for v in store.adapter_versions() if v.version == r["adapter"]["version"])
+        assert rejected.status == "rejected" and "retention" in rejected.metrics["verdict"]["reason"]
+
+
+def test_a_preempted_round_checkpoints_and_the_next_call_resumes_it(home, loader):
+    polls = []
+
+    def stop_after_first_step() -> bool:
+        polls.append(1)
+        return len(polls) > 1  # polled before each step: the first step runs, the second does not
+
+    r = adapt(home, loader, should_stop=stop_after_first_step)
+    assert r["status"] == "preempted" and r["reason"] == "stop requested"
+    assert r["steps"] == {"planned": 2, "done": 1, "this_run": 1}
+    assert (home.checkpoints / jobs.CHECKPOINT_FILE).is_file()
+    assert "resume:  edge-unisd adapt --once" in _describe_round(r)
+    with Store.open(home) as store:
+        assert store.last_round().status == "interrupted"
+        assert store.count_items().pending == 8 and store.adapter_versions() == []
+    resumed = adapt(home, loader)
+    assert resumed["status"] == "promoted", resumed["reason"]
+    assert resumed["resumed_from_step"] == 1
+    assert resumed["steps"] == {"planned": 2, "done": 2, "this_run": 1}
+    assert resumed["items"] == 8 and resumed["round"] != r["round"]
+    assert not (home.checkpoints / jobs.CHECKPOINT_FILE).exists()
+    with Store.open(home) as store:
+        assert store.count_items().pending == 0
+    assert [row.round_id for row in ledger_rows(home)] == [r["round"], resumed["round"]]
+
+
+def test_a_killed_round_resumes_from_its_periodic_checkpoint_in_the_same_round(home, loader, monkeypatch):
+    monkeypatch.setattr(jobs, "CHECKPOINT_EVERY_SECONDS", -1.0)  # checkpoint after every step
+
+    def killed_after_step_1(msg: str) -> None:
+        if msg.startswith("step 1/"):
+            raise SystemExit(137)
+
+    # as if the process were killed right after step 1: nothing after the kill runs, nothing is recorded
+    monkeypatch.setattr(Store, "finish_round", lambda *a, **kw: None)
+    with pytest.raises(SystemExit):
+        adapt(home, loader, progress=killed_after_step_1)
+    monkeypatch.undo()
+    with Store.open(home) as store:
+        (running,) = store.unfinished_rounds()
+    assert all((home.checkpoints / f).is_file() for f in (jobs.PLAN_FILE, jobs.CHECKPOINT_FILE))
+    r = adapt(home, loader)
+    assert r["status"] == "promoted" and r["round"] == running.id  # the same round, finished
+    assert r["resumed_from_step"] == 1 and r["steps"] == {"planned": 2, "done": 2, "this_run": 1}
+    with Store.open(home) as store:
+        assert store.unfinished_rounds() == [] and store.last_round().status == "done"
+
+
+def test_a_second_round_on_the_same_home_is_refused(home, loader):
+    import fcntl
+
+    with open(home.checkpoints / jobs.LOCK_FILE, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        with pytest.raises(jobs.AdaptError, match="another adaptation round is running"):
+            adapt(home, loader)
+
+
+def test_an_unknown_preset_is_a_clear_error(home, loader):
+    with pytest.raises(jobs.AdaptError, match="unknown preset 'nope'"):
+        adapt(home, loader, preset="nope")
+
+
+# --- the CLI -------------------------------------------------------------------------------------
+
+def test_cli_adapt_and_eval(home, loader, monkeypatch, capsys):
+    monkeypatch.setattr(jobs, "default_model_loader", loader)
+    monkeypatch.setattr(jobs, "read_sensors", lambda: readings(on_ac=False))
+    rc = main(["adapt", "--once", "--json", "--home", str(home.root)])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["status"] == "skipped" and "power" in out["reason"]
+
+    assert main(["adapt", "--home", str(home.root)]) == 2
+    assert "--once" in capsys.readouterr().err
+    assert main(["adapt", "--once", "--preset", "nope", "--home", str(home.root)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edge-unisd: error: unknown preset 'nope'") and err.count("\n") == 1
+
+    rc = main(["eval", "--json", "--home", str(home.root)])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["adapter"] is None and out["held_out_items"] == 2
+    assert out["metrics"]["fit_items"] == 2 and out["metrics"]["retention_jsd"] == pytest.approx(0, abs=1e-6)
