@@ -9,6 +9,7 @@ tensor for 8 x 356 positions is 560 MB, and the naive loss keeps several of them
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -127,3 +128,65 @@ def view_token_logps(model, view_prompts_K: Sequence[Sequence[Sequence[int]]], r
     h_KB_L_H = completion_hidden(model, flat_prompts, stacked, pad_id, max_batch)
     logps_KB_L = chunked_token_logps(h_KB_L_H, lm_head_of(model), stacked.completion_ids, chunk_tokens=chunk_tokens)
     return logps_KB_L.view(K, B, -1)
+
+
+def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix shared by every prompt."""
+    first, n = prompts[0], min(len(p) for p in prompts)
+    for i in range(n):
+        tok = first[i]
+        if any(p[i] != tok for p in prompts):
+            return i
+    return n
+
+
+def _prefix_cache(model, prefix: Sequence[int], device: torch.device, memo: dict | None):
+    """KV cache of the shared prefix (batch 1); reused from `memo` when the weights cannot have changed."""
+    key = tuple(prefix)
+    if memo is not None and memo.get("key") == key:
+        return memo["cache"]
+    ids = torch.tensor([list(prefix)], device=device)
+    out = decoder_of(model)(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+    if memo is not None:
+        memo.clear()
+        memo.update(key=key, cache=out.past_key_values)
+    return out.past_key_values
+
+
+@torch.no_grad()
+def completion_hidden_shared_prefix(model, prompts: Sequence[Sequence[int]], rollout: Rollout, pad_id: int,
+                                    max_batch: int | None = None, min_prefix: int = 64,
+                                    memo: dict | None = None) -> torch.Tensor:
+    """`completion_hidden` for no-grad teacher forwards whose prompts share a long prefix. -> (B, L, H)
+
+    Teacher prompts all start with the same system prompt and user profile (hundreds of tokens)
+    and differ only after it. The prefix is run once (batch 1) and its KV cache shared, so each
+    row only pays for its own suffix + completion. Pass `memo` (a dict) to keep the prefix cache
+    across calls while the weights are fixed (the base teacher); never for a moving teacher.
+    """
+    B = len(prompts)
+    shared = min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1)
+    if B < 2 or shared < min_prefix:
+        return completion_hidden(model, prompts, rollout, pad_id, max_batch)
+    device = rollout.completion_ids.device
+    prefix_kv = _prefix_cache(model, prompts[0][:shared], device, memo)
+    step = max_batch or B
+    parts = []
+    for i in range(0, B, step):
+        rows = slice(i, i + step)
+        suffixes = [p[shared:] for p in prompts[rows]]
+        completion, completion_mask = rollout.completion_ids[rows], rollout.completion_mask[rows]
+        b = len(suffixes)
+        suffix_b_S, suffix_attn_b_S = left_pad(suffixes, pad_id, device)
+        S = suffix_b_S.shape[1]
+        input_ids = torch.cat([suffix_b_S, completion[:, :-1]], dim=1)
+        attn = torch.cat([torch.ones(b, shared, dtype=torch.long, device=device), suffix_attn_b_S,
+                          completion_mask[:, :-1].long()], dim=1)  # (b, shared + S + L - 1)
+        position_ids = (attn.cumsum(-1) - 1).clamp_min(0)[:, shared:]
+        kv = copy.deepcopy(prefix_kv)
+        kv.batch_repeat_interleave(b)
+        out = decoder_of(model)(input_ids=input_ids, attention_mask=attn, position_ids=position_ids,
+                                past_key_values=kv, use_cache=True)
+        L = completion.shape[1]
+        parts.append(out.last_hidden_state[:, S - 1:S - 1 + L])
+    return torch.cat(parts, dim=0)

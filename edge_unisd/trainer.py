@@ -36,6 +36,7 @@ from edge_unisd.scoring import (
     chunked_distill_terms,
     chunked_token_logps,
     completion_hidden,
+    completion_hidden_shared_prefix,
     lm_head_of,
     view_token_logps,
 )
@@ -120,6 +121,7 @@ class UniSDTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(warmup, self.total_steps, cfg.optim.schedule))
         self.views = self._build_views(list(pool)) if cfg.uses_views else None
+        self._base_prefix_memo: dict = {}  # KV cache of the teacher prompts' shared prefix (base weights only)
 
     # --- views -----------------------------------------------------------------------------------
     def _embedding_weight(self) -> torch.Tensor:
@@ -208,8 +210,10 @@ class UniSDTrainer:
             model.eval()
             teacher_prompts = self._prompts(items, [primary_context(it, self.profile) for it in items])
             with teacher_weights(model, cfg.teacher, self.ema):
-                teacher_h_B_L_H = completion_hidden(model, teacher_prompts, rollout, self.pad_id,
-                                                    cfg.score_batch_size)
+                # the profile is a prefix shared by every teacher prompt: run it once, share its KV cache
+                memo = self._base_prefix_memo if cfg.teacher == "base" else None
+                teacher_h_B_L_H = completion_hidden_shared_prefix(model, teacher_prompts, rollout, self.pad_id,
+                                                                  cfg.score_batch_size, memo=memo)
         # --- K auxiliary views for the routed items only (the expensive part) ---
         weights = None
         weight_mean, weight_min = 1.0, 1.0

@@ -96,3 +96,23 @@ def test_sub_batched_no_grad_forward_matches_one_batch(tiny_model):
         whole = completion_hidden(tiny_model, prompts, rollout, pad_id=2)
         split = completion_hidden(tiny_model, prompts, rollout, pad_id=2, max_batch=2)
     assert_close(split, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prefix_forward_matches_the_full_forward(tiny_model):
+    from edge_unisd.scoring import common_prefix_length, completion_hidden_shared_prefix
+
+    prefix = list(range(100, 180))  # a long shared system prompt + profile
+    prompts = [prefix + [5, 6], prefix + [7], prefix + [8, 9, 10, 11]]
+    completion = torch.tensor([[5, 6, 7, 2], [8, 9, 2, 2], [3, 4, 5, 6]])
+    rollout = Rollout(completion, torch.tensor([[1.0, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]]))
+    assert common_prefix_length(prompts) == 80
+    memo: dict = {}
+    with torch.no_grad():
+        whole = completion_hidden(tiny_model, prompts, rollout, pad_id=2)
+        shared = completion_hidden_shared_prefix(tiny_model, prompts, rollout, pad_id=2, max_batch=2,
+                                                 min_prefix=16, memo=memo)
+        again = completion_hidden_shared_prefix(tiny_model, prompts, rollout, pad_id=2, min_prefix=16, memo=memo)
+    assert memo["key"] == tuple(prefix)
+    mask = rollout.completion_mask.bool()
+    assert_close(shared[mask], whole[mask], atol=1e-4, rtol=1e-4)
+    assert_close(again[mask], whole[mask], atol=1e-4, rtol=1e-4)
