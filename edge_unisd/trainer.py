@@ -41,7 +41,14 @@ from edge_unisd.scoring import (
     view_token_logps,
 )
 from edge_unisd.teacher import STUDENT_ADAPTER, EmaAdapter, lora_parameters, teacher_weights
-from edge_unisd.views import ViewBuilder, embed_texts, negative_context, primary_context, render_prompt
+from edge_unisd.views import (
+    ViewBuilder,
+    embed_texts,
+    negative_context,
+    primary_context,
+    render_prompt,
+    token_idf,
+)
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +131,13 @@ class UniSDTrainer:
         self._base_prefix_memo: dict = {}  # KV cache of the teacher prompts' shared prefix (base weights only)
 
     # --- views -----------------------------------------------------------------------------------
-    def _embedding_weight(self) -> torch.Tensor:
-        return causal_lm(self.model).get_input_embeddings().weight.detach()
+    def _embed(self, texts: Sequence[str]) -> torch.Tensor:
+        return embed_texts(self.tokenizer, texts, self._idf)
 
     def _build_views(self, pool: list[Item]) -> ViewBuilder:
         texts = [it.prompt_text for it in pool]
-        emb = embed_texts(self.tokenizer, self._embedding_weight(), texts) if texts else None
+        self._idf = token_idf(self.tokenizer, texts)
+        emb = self._embed(texts) if texts else None
         return ViewBuilder(pool=pool, profile=self.profile, kinds=self.cfg.view_kinds, num_views=self.cfg.num_views,
                            examples_per_view=self.cfg.view_examples, seed=self.cfg.seed, pool_embeddings=emb)
 
@@ -273,7 +281,7 @@ class UniSDTrainer:
         cfg = self.cfg
         sub_items = [items[i] for i in routed]
         sub = Rollout(rollout.completion_ids[routed], rollout.completion_mask[routed])
-        emb = embed_texts(self.tokenizer, self._embedding_weight(), [it.prompt_text for it in sub_items])
+        emb = self._embed([it.prompt_text for it in sub_items])
         contexts_B_K = [self.views.auxiliary_contexts(it, emb[j]) for j, it in enumerate(sub_items)]
         view_prompts_K = [self._prompts(sub_items, [c[k] for c in contexts_B_K]) for k in range(cfg.num_views)]
         with teacher_weights(self.model, cfg.teacher, self.ema):

@@ -12,6 +12,7 @@ Everything is deterministic given the seed.
 
 from __future__ import annotations
 
+import math
 import random
 import zlib
 from collections.abc import Sequence
@@ -65,14 +66,28 @@ def induced_guideline(profile: str | None, max_lines: int = 12) -> str:
     return f"{head}\n{summary}" if summary else head
 
 
-def embed_texts(tokenizer, embedding_weight: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
-    """Mean-pooled, L2-normalised input embeddings of each text: a free, local retrieval embedding. -> (N, H)"""
-    rows = []
+def embed_texts(tokenizer, texts: Sequence[str], idf: dict[int, float] | None = None,
+                dim: int = 4096) -> torch.Tensor:
+    """Hashed TF-IDF vectors of the texts' tokens, L2-normalised: a free, local retrieval embedding. -> (N, dim)
+
+    A user's related requests share content words ("dog", "Heron", "lunch"); on short prompts a
+    small model's input or hidden embeddings rank by phrasing ("What is my ...") instead.
+    """
+    emb_N_D = torch.zeros(len(texts), dim)
+    for row, text in enumerate(texts):
+        for i in tokenizer(text, add_special_tokens=False)["input_ids"]:
+            emb_N_D[row, i % dim] += idf.get(i, 1.0) if idf else 1.0
+    return torch.nn.functional.normalize(emb_N_D, dim=-1)
+
+
+def token_idf(tokenizer, texts: Sequence[str]) -> dict[int, float]:
+    """Smoothed inverse document frequency of each token over `texts` (the user's past prompts)."""
+    df: dict[int, int] = {}
     for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
-        rows.append(embedding_weight[torch.tensor(ids, device=embedding_weight.device)].float().mean(0))
-    emb_N_H = torch.stack(rows)
-    return torch.nn.functional.normalize(emb_N_H, dim=-1).cpu()
+        for i in set(tokenizer(text, add_special_tokens=False)["input_ids"]):
+            df[i] = df.get(i, 0) + 1
+    n = len(texts)
+    return {i: math.log((1 + n) / (1 + d)) + 1.0 for i, d in df.items()}
 
 
 @dataclass

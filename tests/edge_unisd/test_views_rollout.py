@@ -1,0 +1,104 @@
+"""Prompt views, rollout masks and padding: the plumbing every loss term stands on."""
+
+from __future__ import annotations
+
+import torch
+
+from edge_unisd.items import Item
+from edge_unisd.rollout import completion_mask_from_ids, generate_completions, left_pad, pack_completions
+from edge_unisd.views import (
+    ViewBuilder,
+    embed_texts,
+    induced_guideline,
+    negative_context,
+    primary_context,
+    render_prompt,
+    token_idf,
+)
+
+PROFILE = "Name: Maren.\nDog: Biscuit.\nCity: Gothenburg."
+POOL = [
+    Item(id="a", messages=({"role": "user", "content": "What is my dog called?"},), reference="Biscuit."),
+    Item(id="b", messages=({"role": "user", "content": "Remind me of my dog's name."},), reference="It's Biscuit."),
+    Item(id="c", messages=({"role": "user", "content": "Which city do I live in?"},), reference="Gothenburg."),
+    Item(id="d", messages=({"role": "user", "content": "Where is my home town?"},), reference="Gothenburg, Sweden."),
+    Item(id="e", messages=({"role": "user", "content": "Suggest a lunch."},), reference="A lentil salad.",
+         rejected="A steak sandwich."),
+]
+
+
+def test_student_and_teacher_prompts_differ_only_by_the_context(tokenizer):
+    item = POOL[0]
+    student = render_prompt(tokenizer, item.messages)
+    teacher = render_prompt(tokenizer, item.messages, primary_context(item, PROFILE))
+    s_text, t_text = tokenizer.decode(student), tokenizer.decode(teacher)
+    context = primary_context(item, PROFILE)
+    assert context in t_text and "Biscuit" not in s_text
+    assert t_text.replace(f"{context}\n\n---\n\n", "") == s_text  # remove the context block: the same prompt
+    assert student[-3:] == teacher[-3:]  # both end by opening the assistant turn
+
+
+def test_primary_context_holds_profile_item_context_and_reference():
+    item = Item(id="x", messages=({"role": "user", "content": "Q"},), context="Email: lunch moved to 13:00",
+                reference="13:00.")
+    ctx = primary_context(item, PROFILE)
+    assert "Biscuit" in ctx and "lunch moved" in ctx and "13:00." in ctx
+    assert primary_context(Item(id="y", messages=({"role": "user", "content": "Q"},)), None) is None
+
+
+def test_auxiliary_views_never_show_the_items_own_reference_and_are_deterministic(tokenizer):
+    texts = [it.prompt_text for it in POOL]
+    emb = embed_texts(tokenizer, texts, token_idf(tokenizer, texts))
+    builder = ViewBuilder(pool=POOL, profile=PROFILE, kinds=["retrieval", "random", "induced"], num_views=3,
+                          examples_per_view=1, seed=7, pool_embeddings=emb)
+    for j, item in enumerate(POOL):
+        views = builder.auxiliary_contexts(item, emb[j])
+        assert len(views) == 3
+        assert all(f"A: {item.reference}" not in v for v in views)
+        assert views == builder.auxiliary_contexts(item, emb[j])  # same seed, same views
+    assert builder.auxiliary_contexts(POOL[0], emb[0])[2] == induced_guideline(PROFILE)
+
+
+def test_retrieval_finds_items_about_the_same_thing(tokenizer):
+    """Over the sample user's history, a question about the dog retrieves other questions about the dog."""
+    from edge_unisd.sample_data import load_sample_items
+
+    pool = [it for it in load_sample_items() if it.reference]
+    texts = [it.prompt_text for it in pool]
+    emb = embed_texts(tokenizer, texts, token_idf(tokenizer, texts))
+    builder = ViewBuilder(pool=pool, profile=PROFILE, kinds=["retrieval"], num_views=1, examples_per_view=2,
+                          seed=0, pool_embeddings=emb)
+    query = Item(id="q", messages=({"role": "user", "content": "What breed is my dog?"},))
+    q_emb = embed_texts(tokenizer, [query.prompt_text], token_idf(tokenizer, texts))[0]
+    shown = builder.auxiliary_contexts(query, q_emb)[0]
+    assert shown.count("dog") + shown.count("Biscuit") >= 2, shown
+
+
+def test_negative_view_uses_the_rejected_answer():
+    assert "A steak sandwich." in negative_context(POOL[4])
+    assert negative_context(POOL[0]) is None
+
+
+def test_completion_mask_stops_after_the_first_eos():
+    ids = torch.tensor([[5, 6, 2, 9, 2], [2, 7, 7, 7, 7], [5, 5, 5, 5, 5]])
+    mask = completion_mask_from_ids(ids, eos_ids=[2])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
+
+
+def test_left_pad_and_pack_completions():
+    ids, attn = left_pad([[1, 2, 3], [4]], pad_id=0)
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and attn.tolist() == [[1, 1, 1], [0, 0, 1]]
+    packed = pack_completions([[7, 8], [9]], pad_id=0, eos_id=2)
+    assert packed.completion_ids.tolist() == [[7, 8, 2], [9, 2, 0]]
+    assert packed.completion_mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_rollout_is_batched_seeded_and_masked(tokenizer, tiny_model):
+    prompts = [render_prompt(tokenizer, it.messages) for it in POOL[:3]]
+    a = generate_completions(tiny_model, tokenizer, prompts, max_new_tokens=6, temperature=1.0, seed=3)
+    b = generate_completions(tiny_model, tokenizer, prompts, max_new_tokens=6, temperature=1.0, seed=3)
+    assert a.completion_ids.shape[0] == 3 and a.completion_ids.shape[1] <= 6
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    assert torch.equal(a.completion_mask, completion_mask_from_ids(a.completion_ids, [2]))
+    forced = generate_completions(tiny_model, tokenizer, prompts, max_new_tokens=5, min_new_tokens=5, seed=1)
+    assert forced.completion_ids.shape[1] == 5 and forced.num_tokens >= 3 * 4
