@@ -1,0 +1,160 @@
+"""bench/limit.py, throughput.py, vs_trl.py: each --tiny run gives the documented keys with finite numbers."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    key = f"bench_{name}"  # the name the scripts use for each other, so they share one module
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, ROOT / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
+@pytest.fixture(scope="module")
+def limit():
+    return _load("limit")
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    return _load("throughput")
+
+
+@pytest.fixture(scope="module")
+def vs_trl():
+    return _load("vs_trl")
+
+
+def finite(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def assert_load_avg(machine: dict) -> None:
+    for key in ("load_avg_start", "load_avg_end"):
+        assert len(machine[key]) == 3 and all(finite(v) and v >= 0 for v in machine[key]), key
+
+
+# --- limit ---------------------------------------------------------------------------------------
+
+def test_flops_per_token_counts_the_decoder_matmuls(limit):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    linear = sum(m.weight.numel() for m in model.model.layers.modules() if m.__class__.__name__ == "Linear")
+    f = limit.model_flops_per_token(cfg)
+    assert f["params_nonembedding"] == linear
+    assert f["forward"] == 2 * linear and f["train_6n"] == 3 * f["forward"]  # no context: no attention term
+    assert f["train_lora"] == 2 * f["forward"]  # frozen base, rank 0: no weight gradients at all
+    assert f["lm_head_forward"] == 2 * 64 * 1000
+    with_ctx = limit.model_flops_per_token(cfg, context=100, lora_rank=8)
+    attention = 4 * 3 * 4 * 16 * 50  # layers x heads x head_dim x mean attended context (100 / 2)
+    assert with_ctx["forward"] == f["forward"] + attention
+    assert with_ctx["train_lora"] > f["train_lora"] + 3 * attention  # plus the LoRA matrices' own work
+    smol = limit.model_flops_per_token(limit.SMOLLM2_135M)
+    assert smol["params_nonembedding"] == 30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536)
+
+
+def test_limit_tiny_run(limit):
+    r = limit.run(["--tiny"])
+    assert_load_avg(r["machine"])
+    assert all(finite(v) and v >= 0 for v in r["flops_per_token"].values())
+    mm = r["matmul"]["float32"]
+    assert finite(mm["best_flops"]) and mm["best_flops"] >= mm["median_flops"] > 0
+    assert len(mm["shapes"]) == 5  # q, k/v, o, gate/up, down, LM head chunk: k/v and gate/up merged
+    for ceiling in (mm["ceiling_best"], mm["ceiling_median"]):
+        assert set(ceiling) == {"forward_tokens_per_s", "train_6n_tokens_per_s", "train_lora_tokens_per_s"}
+        assert all(finite(v) and v > 0 for v in ceiling.values())
+        assert ceiling["forward_tokens_per_s"] > ceiling["train_6n_tokens_per_s"]
+
+
+# --- throughput ----------------------------------------------------------------------------------
+
+def test_views_per_batch(throughput):
+    assert throughput.views_per_batch(8, 0.25) == 2
+    assert throughput.views_per_batch(2, 0.25) == 1  # a positive share always routes one item
+    assert throughput.views_per_batch(8, 0.0) == 0
+    assert throughput.views_per_batch(4, 1.0) == 4
+
+
+def test_throughput_tiny_run_with_view_comparison(throughput):
+    from edge_unisd.trainer import STAGES
+
+    r = throughput.run(["--tiny", "--compare-views"])
+    assert_load_avg(r["machine"])
+    s = r["settings"]
+    assert (s["preset"], s["batch"], s["tokens"], s["steps"], s["view_items_per_step"]) == ("edge", 2, 4, 1, 1)
+    assert r["completion_tokens"] == 2 * 4  # min = max new tokens: every completion has exactly --tokens
+    assert r["view_tokens"] == 1 * 4 * s["num_views"]  # one routed item, rescored by K views
+    for key in ("tokens_per_s", "seconds_per_step", "round_seconds", "peak_rss_gb", "rss_after_load_gb"):
+        assert finite(r[key]) and r[key] > 0, key
+    assert set(r["stage_seconds"]) == set(STAGES) and all(finite(v) for v in r["stage_seconds"].values())
+    assert sum(r["stage_seconds"].values()) <= r["round_seconds"] * 1.01
+    for stage in ("rollout", "teacher", "views", "student"):
+        assert finite(r["stage_tokens_per_s"][stage]), stage
+    assert r["peak_cuda_gb"] is None  # CPU
+    assert finite(r["limit"]["matmul_best_flops"]) and r["limit"]["matmul_best_flops"] > 0
+    for key in ("student_lora", "student_6n", "rollout"):
+        assert finite(r["mfu"][key]) and 0 < r["mfu"][key] < 1, key
+    assert r["mfu"]["student_6n"] > r["mfu"]["student_lora"]  # 6N counts weight gradients LoRA does not need
+    c = r["compare_views"]
+    assert finite(c["ratio"]) and c["ratio"] > 0 and c["target_max_ratio"] == 1.6
+    assert c["stage_seconds_without"]["views"] < r["stage_seconds"]["views"]  # no routed items: no view forwards
+
+
+def test_compare_views_needs_a_budgeted_preset(throughput):
+    with pytest.raises(SystemExit, match="edge"):
+        throughput.run(["--tiny", "--compare-views", "--preset", "sd"])
+
+
+# --- vs_trl --------------------------------------------------------------------------------------
+
+def test_aggregate_takes_medians_and_ratios_ours_over_trl(vs_trl):
+    def run(system, sps, tps, rss):
+        return {"system": system, "seconds_per_step": sps, "tokens_per_s": tps, "rollout_seconds_per_step": sps / 2,
+                "peak_rss_gb": rss, "rss_after_load_gb": 0.5, "completion_tokens": 16, "step_seconds": [sps, sps]}
+
+    runs = [run("trl", 4.0, 10.0, 2.0), run("sd", 1.0, 40.0, 1.0), run("trl", 6.0, 8.0, 2.5),
+            run("sd", 2.0, 20.0, 1.2), run("trl", 5.0, 9.0, 2.2), run("sd", 3.0, 30.0, 0.9)]
+    out = vs_trl.aggregate(runs, ["trl", "sd"])
+    assert out["systems"]["trl"]["seconds_per_step"] == 5.0 and out["systems"]["sd"]["tokens_per_s"] == 30.0
+    assert out["systems"]["trl"]["peak_rss_gb"] == 2.5  # the worst run
+    assert out["systems"]["sd"]["completion_tokens_per_step"] == 8
+    r = out["ratios_vs_trl"]["sd"]
+    assert r["tokens_per_s"] == pytest.approx(30 / 9) and r["seconds_per_step"] == pytest.approx(2 / 5)
+    assert r["peak_rss"] == pytest.approx(1.2 / 2.5)
+    assert "trl" not in out["ratios_vs_trl"]
+
+
+def test_vs_trl_tiny_run(vs_trl):
+    systems = ["trl", "sd"] if vs_trl.trl_available() else ["sd"]
+    r = vs_trl.run(["--tiny", "--systems", *systems])
+    assert_load_avg(r["machine"])
+    assert [x["system"] for x in r["runs"]] == systems  # one round, in the alternation order
+    for system in systems:
+        v = r["systems"][system]
+        for key in ("seconds_per_step", "tokens_per_s", "rollout_seconds_per_step", "peak_rss_gb"):
+            assert finite(v[key]) and v[key] > 0, (system, key)
+        assert v["completion_tokens_per_step"] == 2 * 4  # the same completion tokens on both sides
+    for x in r["runs"]:
+        assert x["peak_rss_gb"] >= x["rss_after_load_gb"] * 0.99  # wait4's ru_maxrss is this child's own peak
+        assert_load_avg(x)
+    if "trl" not in systems:
+        pytest.skip("trl is not installed: only our side was run")
+    (trl_run,) = [x for x in r["runs"] if x["system"] == "trl"]
+    assert trl_run["prompts_match"] is True  # TRL saw the very token ids our student and teacher see
+    ratios = r["ratios_vs_trl"]["sd"]
+    assert all(finite(ratios[k]) and ratios[k] > 0 for k in ("tokens_per_s", "seconds_per_step", "peak_rss"))
