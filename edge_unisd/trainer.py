@@ -8,11 +8,12 @@ returns each item's uncertainty so the planner can route the next round.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -76,22 +77,20 @@ class StepReport:
 
 
 class _StageTimer:
+    """Wall seconds per stage of a step (CUDA synchronised, so GPU time lands in the right stage)."""
+
     def __init__(self, device: torch.device) -> None:
         self.device, self.seconds = device, dict.fromkeys(STAGES, 0.0)
 
-    def run(self, stage: str):
-        timer = self
-
-        class _Ctx:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                if timer.device.type == "cuda":
-                    torch.cuda.synchronize(timer.device)
-                timer.seconds[stage] += time.perf_counter() - self.t0
-
-        return _Ctx()
+    @contextlib.contextmanager
+    def run(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.seconds[stage] += time.perf_counter() - t0
 
 
 def lr_lambda(warmup_steps: int, total_steps: int, schedule: str) -> Callable[[int], float]:
