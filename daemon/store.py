@@ -454,6 +454,18 @@ class Store:
             q = update(ItemRow).where(ItemRow.id.in_(list(ids))).values(held_out=held_out)
             return s.execute(q).rowcount
 
+    def set_item_reference(self, item_id: str, text_: str) -> None:
+        """The user's own answer to an item (e.g. a correction sent to `serve`). Raises KeyError if unknown."""
+        with self._write() as s:
+            if not s.execute(update(ItemRow).where(ItemRow.id == item_id).values(reference=text_)).rowcount:
+                raise KeyError(f"no item {item_id!r} (forgotten?)")
+
+    def set_item_rejected(self, item_id: str, text_: str) -> None:
+        """An answer the user rejected (the contrastive negative view). Raises KeyError if unknown."""
+        with self._write() as s:
+            if not s.execute(update(ItemRow).where(ItemRow.id == item_id).values(rejected=text_)).rowcount:
+                raise KeyError(f"no item {item_id!r} (forgotten?)")
+
     # --- profile
     def set_profile(self, text_: str) -> None:
         with self._write() as s:
