@@ -161,8 +161,9 @@ def torch_logits(model: torch.nn.Module, ids: Sequence[int]) -> np.ndarray:
 
 def open_llama(gguf_path: Path, *, n_ctx: int, lora_path: Path | None = None, n_threads: int | None = None):
     """A llama.cpp context that keeps the logits of every position."""
-    import llama_cpp
+    from adapters.llama_runtime import import_llama_cpp
 
+    llama_cpp = import_llama_cpp()
     n_ctx = max(64, n_ctx)
     n_threads = n_threads or polite_threads()  # batch threads too: their default is every core
     return llama_cpp.Llama(model_path=str(gguf_path), lora_path=str(lora_path) if lora_path else None,

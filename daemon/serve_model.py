@@ -119,6 +119,9 @@ def load_llama(path: Path, **overrides: Any) -> Any:
     ModelSettings is a pydantic BaseSettings: its fields are read from EDGE_UNISD_LLAMA_<FIELD>
     (not from bare names like MODEL or N_CTX, which other tools may have set).
     """
+    from adapters.llama_runtime import import_llama_cpp
+
+    import_llama_cpp()  # the AMX guard, before llama-cpp-python's loader builds a Llama
     from llama_cpp.server.model import LlamaProxy
     from llama_cpp.server.settings import ModelSettings
 

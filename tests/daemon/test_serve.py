@@ -540,9 +540,10 @@ def test_api_key_and_size_limit(home):
 def gated_loader(gate: threading.Event, gated: list):
     """Loads real models; the first one's streams pause after their first chunk until `gate` is set, so a
     publish is sure to happen while the stream is in flight."""
-    import llama_cpp
-
+    from adapters.llama_runtime import import_llama_cpp
     from daemon.serve_model import load_llama
+
+    llama_cpp = import_llama_cpp()
 
     class GatedLlama(llama_cpp.Llama):
         def create_completion(self, *args, **kwargs):
