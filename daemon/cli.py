@@ -2,6 +2,8 @@
 
 Every command takes `--home DIR` (default: $EDGE_UNISD_HOME, else $XDG_DATA_HOME/edge-unisd);
 every command that reports takes `--json`. `ingest` exits 1 when some rows were rejected.
+Long commands (adapt, eval, export, demo) show a one-line live status on stderr when it is a terminal.
+Commands that need torch import it lazily, so `status`, `ingest` and friends stay quick.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ import json
 import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from daemon.home import Home, HomeError
 from daemon.ingest import IngestError, ingest_file
+from daemon.lifecycle import AlreadyRunning, lock_holder
 from daemon.settings import SettingsError, load_settings, write_default_settings
 from daemon.store import Store, StoreError
 
@@ -32,7 +37,7 @@ class CliError(RuntimeError):
     """A problem the user can fix; printed as one line, exit code 2."""
 
 
-USER_ERRORS = (CliError, HomeError, SettingsError, IngestError, StoreError)
+USER_ERRORS = (CliError, HomeError, SettingsError, IngestError, StoreError, AlreadyRunning)
 
 
 # --- helpers
@@ -154,12 +159,30 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gates(settings) -> dict[str, Any]:
+    """Each gate's state now, from this machine's sensors and the settings' [budget] table."""
+    from budgets.gates import BudgetConfigError, evaluate_gates, load_budget_config
+    from budgets.sensors import now, read_sensors
+    from budgets.windows import next_start_any
+
+    try:
+        cfg = load_budget_config(settings.budget)
+    except BudgetConfigError as e:
+        raise CliError(f"settings.toml [budget]: {e}") from None
+    decision = evaluate_gates(read_sensors(), cfg)
+    nxt = next_start_any(cfg.time_windows(), now())
+    return {**decision.to_dict(), "summary": decision.summary(),
+            "next_window": nxt.isoformat(timespec="minutes") if nxt else None}
+
+
 def status_dict(home: Home, store: Store) -> dict[str, Any]:
-    """What `status --json` prints; the daemon's own status line reads the same."""
+    """What `status --json` prints; the daemon's own status line reads the same sources."""
+    from daemon.exporting import last_export, registry_of, version_summary
+
     settings = load_settings(home.settings)
     counts = store.count_items()
-    versions = store.adapter_versions()
-    promoted = [v for v in versions if v.status == "promoted"]
+    registry = registry_of(home)
+    versions = registry.list()
     last = store.last_round()
     profile = store.get_profile() or ""
     incoming = sum(1 for p in home.incoming.iterdir() if p.is_file()) if home.incoming.is_dir() else 0
@@ -168,15 +191,20 @@ def status_dict(home: Home, store: Store) -> dict[str, Any]:
         "base": store.get_meta("base"),
         "items": {"total": counts.total, "pending": counts.pending, "held_out": counts.held_out},
         "profile": {"chars": len(profile)},
-        "adapter": {"current": promoted[-1].version if promoted else None, "versions": len(versions),
+        "adapter": {"current": version_summary(registry.current()), "versions": len(versions),
                     "trained_on_forgotten": [v.version for v in versions if v.trained_on_forgotten]},
-        "gates": {"open": None},
+        "gates": _gates(settings),
         "last_round": last.to_dict() if last else None,
+        "export": last_export(store),
+        "daemon": {"pid": lock_holder(home.root)},
         "spool": {"incoming": incoming},
-        "settings": {"preset": settings.preset, "collect": settings.collect,
+        "settings": {"preset": settings.preset, "collect": settings.collect, "export_quant": settings.export_quant,
                      "round_budget_seconds": settings.round_budget_seconds},
-        "note": "adapter and gates are placeholders until the adapters and budgets packages report here",
     }
+
+
+def _fmt(x: Any, spec: str = ".3f") -> str:
+    return "n/a" if x is None else format(x, spec)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -186,52 +214,106 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(s)
         return 0
-    last = s["last_round"]
+    last, cur, exp, gates = s["last_round"], s["adapter"]["current"], s["export"], s["gates"]
     print(f"home:        {s['home']}")
+    pid = s["daemon"]["pid"]
+    print(f"daemon:      {'not running' if pid is None else f'running, pid {pid}'}")
     print(f"items:       {s['items']['total']} stored, {s['items']['pending']} waiting, "
           f"{s['items']['held_out']} held out for evaluation")
     print(f"profile:     {s['profile']['chars']} characters")
-    print(f"adapter:     {s['adapter']['current'] or 'none yet (base model)'}")
-    print("last round:  " + (f"#{last['id']} {last['status']} at {last['started_at']}, "
-                             f"{last['n_items']} items" if last else "none yet"))
+    now = f"{cur['version']} ({cur['reason'] or cur['status']})" if cur else "none yet (base model)"
+    print(f"adapter:     {now}; {s['adapter']['versions']} version(s) on disk")
+    if last:
+        m = last.get("metrics") or {}
+        fit = (m.get("before") or {}).get("fit_nll"), (m.get("after") or {}).get("fit_nll")
+        cost = last.get("cost") or {}
+        print(f"last round:  #{last['id']} {last['status']} at {last['started_at']}, {last['n_items']} items"
+              + (f", held-out fit {_fmt(fit[0])} -> {_fmt(fit[1])}" if fit[1] is not None else "")
+              + (f", {cost['spent_seconds']:.0f} s" if cost.get("spent_seconds") is not None else ""))
+    else:
+        print("last round:  none yet")
+    window = f"; next window {gates['next_window']}" if gates["next_window"] else ""
+    print(f"gates:       {gates['summary']}{window}")
+    if exp:
+        state = "ok" if exp["ok"] else ("refused" if exp.get("refused") else "failed")
+        print(f"export:      {exp['version']} {exp['quant']} {state}: {exp['gguf'] or exp['error']}")
+    else:
+        print("export:      none yet")
     print(f"spool:       {s['spool']['incoming']} file(s) waiting in {home.incoming}")
     print(f"collect:     {'on' if s['settings']['collect'] else 'off'}")
     return 0
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
+    from daemon.exporting import forget_items
     from daemon.spool import purge_processed
 
     before = _parse_when(args.before) if args.before else None
     home, store = _open(args)
     with store:
-        report = store.forget(ids=args.id, before=before, all=args.all)
+        result = forget_items(home, store, ids=args.id, before=before, all=args.all)
     # the processed spool files are copies of the prompts: they go too (by id they cannot be told apart)
     purged = purge_processed(home, before.timestamp() if before else None) if (args.all or before) else 0
-    result = {**report.to_dict(), "spool_files_removed": purged}
+    result["spool_files_removed"] = purged
     if args.json:
         _print_json(result)
         return 0
-    print(f"forgot {report.items} item(s) and {report.rollouts} rollout(s)"
+    print(f"forgot {result['items']} item(s) and {result['rollouts']} rollout(s)"
           + (f"; removed {purged} processed spool file(s)" if purged else ""))
-    if args.id and report.items < len(set(args.id)):
-        print(f"{len(set(args.id)) - report.items} of the given ids were not stored")
-    if report.marked_versions:
-        print("adapter versions trained on them, now marked: " + ", ".join(report.marked_versions)
-              + " (retrain without them: edge-unisd adapt --once)")
+    if args.id and result["items"] < len(set(args.id)):
+        print(f"{len(set(args.id)) - result['items']} of the given ids were not stored")
+    marked = sorted(set(result["marked_versions"]) | set(result["registry_marked"]))
+    if marked:
+        print("adapter versions trained on them, now marked (never served again): " + ", ".join(marked))
+    if result["current_trained_on_forgotten"]:
+        print(f"the current adapter {result['current_trained_on_forgotten']} was trained on them: retrain without "
+              "them (edge-unisd adapt --once --force) or serve the base model (edge-unisd rollback base)")
     return 0
 
 
-def _progress_line():
-    """A one-line live status on stderr when it is a terminal; nothing otherwise (logs say the rest)."""
-    if not sys.stderr.isatty():
-        return None
+class LiveStatus:
+    """A one-line live status on stderr when it is a terminal: the latest message and the seconds since it
+    came, redrawn twice a second (a model load or an export gives no messages for a minute). Off a terminal
+    it prints nothing: the logs say the rest. Use as a context manager; call it with each message."""
 
-    def write(msg: str) -> None:
-        sys.stderr.write("\r\033[K" + msg[:200])
-        sys.stderr.flush()
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty()
+        self._msg, self._since = "", time.monotonic()
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    return write
+    def __call__(self, msg: str) -> None:
+        with self._lock:
+            self._msg, self._since = msg, time.monotonic()
+        self._draw()
+
+    def _draw(self) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            elapsed = time.monotonic() - self._since
+            text = self._msg[:160] + (f"  ({elapsed:.0f} s)" if elapsed >= 2 else "")
+        self.stream.write("\r\033[K" + text)
+        self.stream.flush()
+
+    def _tick(self) -> None:
+        while not self._done.wait(0.5):
+            self._draw()
+
+    def __enter__(self) -> LiveStatus:
+        if self.enabled:
+            self._thread = threading.Thread(target=self._tick, name="edge-unisd-status", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join(1.0)
+            self.stream.write("\r\033[K")
+            self.stream.flush()
 
 
 @contextlib.contextmanager
@@ -263,17 +345,13 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     home = Home.resolve(args.home).require()
     from daemon.jobs import AdaptError, adapt_once  # imports torch: only here
 
-    progress = _progress_line()
     try:
-        with _graceful_stop() as stop_requested:
+        with _graceful_stop() as stop_requested, LiveStatus() as progress:
             result = adapt_once(home, max_seconds=args.max_seconds, max_items=args.max_items,
                                 preset=args.preset, force=args.force, should_stop=stop_requested,
                                 progress=progress)
     except AdaptError as e:
         raise CliError(str(e)) from None
-    finally:
-        if progress is not None:
-            sys.stderr.write("\n")
     if args.json:
         _print_json(result)
     else:
@@ -298,6 +376,11 @@ def _describe_round(r: dict[str, Any]) -> str:
         lines.append(f"  resume:  edge-unisd adapt --once (checkpoint {r['checkpoint']})")
     else:
         lines.append(f"  adapter: {r['adapter']['version']} at {r['adapter']['path']}")
+        export = r.get("export")
+        if export and export.get("error"):
+            lines.append(f"  export:  not published: {export['error']}")
+        elif export:
+            lines.append(f"  export:  {export['gguf']} ({export['quant']}, verified)")
     return "\n".join(lines)
 
 
@@ -305,14 +388,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     home = Home.resolve(args.home).require()
     from daemon.jobs import AdaptError, evaluate_current  # imports torch: only here
 
-    progress = _progress_line()
     try:
-        result = evaluate_current(home, progress=progress)
+        with LiveStatus() as progress:
+            result = evaluate_current(home, progress=progress)
     except AdaptError as e:
         raise CliError(str(e)) from None
-    finally:
-        if progress is not None:
-            sys.stderr.write("\n")
     if args.json:
         _print_json(result)
         return 0
@@ -328,6 +408,153 @@ def cmd_eval(args: argparse.Namespace) -> int:
           f"(bound {result['bounds']['max_retention_jsd']:g})")
     print(f"accuracy:  {fmt(m['accuracy'], '.1%')} of {m['accuracy_items']} checked held-out items")
     return 0
+
+
+def _registry(home: Home):
+    from daemon.exporting import registry_of
+
+    return registry_of(home)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    home = Home.resolve(args.home).require()
+    settings = load_settings(home.settings)
+    from adapters.gguf_export import ExportError
+    from adapters.merge import MergeError
+    from adapters.registry import RegistryError
+    from daemon.exporting import export_adapter_dir
+    from daemon.jobs import AdaptError
+
+    registry = _registry(home)
+    if args.adapter:
+        adapter = Path(args.adapter).expanduser()
+        if not adapter.is_dir():
+            raise CliError(f"--adapter {adapter}: no such folder; give a PEFT adapter folder "
+                           "(see `edge-unisd adapters list` for this home's versions)")
+        version = adapter.name if adapter.resolve().parent == registry.root.resolve() else None
+    else:
+        current = registry.current()
+        adapter, version = (current.path, current.version) if current else (None, None)
+    out = Path(args.out).expanduser() if args.out else None
+    quant = args.quant or ("f16" if args.format == "lora" else settings.export_quant)  # a LoRA GGUF: f16/f32
+    what = version or (str(adapter) if adapter else "the base model (no adapter yet)")
+    try:
+        with LiveStatus() as progress:
+            progress(f"exporting {what}: merge, write {quant} GGUF, verify with llama.cpp...")
+            result = export_adapter_dir(home, settings, adapter, quant=quant, fmt=args.format, out=out,
+                                        registry=registry, version=version)
+    except (ExportError, MergeError, RegistryError, AdaptError) as e:
+        raise CliError(str(e)) from None
+    if args.json:
+        _print_json(result)
+        return 0
+    v = result["verify"]
+    print(f"exported {what} -> {result['gguf']} ({result['quant']}, {result['format']})")
+    print(f"  verified with llama.cpp: top-1 agreement {v['top1']:.3f}, mean KL {v['mean_kl']:.5f} "
+          f"over {v['n_positions']} positions; chat template {'ok' if v['template_ok'] else 'MISMATCH'}")
+    if result.get("modelfile"):
+        print(f"  Ollama: ollama create my-model -f {result['modelfile']}")
+    return 0
+
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    home = Home.resolve(args.home).require()
+    registry = _registry(home)
+    versions = registry.list()
+    current = registry.current()
+    if args.json:
+        _print_json([v.to_json() for v in versions])
+        return 0
+    if not versions:
+        print("no adapter versions yet (edge-unisd adapt --once makes one)")
+        return 0
+    print(f"{'':2s}{'version':8s} {'status':9s} {'created':25s} {'fit before':>10s} {'after':>7s} "
+          f"{'ret. JSD':>8s}  reason")
+    for v in versions:
+        m = v.metrics
+        before, after = m.get("before") or {}, m.get("after") or {}
+        mark = "* " if current is not None and v.version == current.version else "  "
+        flag = " [trained on forgotten items]" if v.trained_on_forgotten else ""
+        print(f"{mark}{v.version:8s} {v.status:9s} {v.created:25s} {_fmt(before.get('fit_nll')):>10s} "
+              f"{_fmt(after.get('fit_nll')):>7s} {_fmt(after.get('retention_jsd'), '.4f'):>8s}  "
+              f"{(v.reason or '')[:80]}{flag}")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    home = Home.resolve(args.home).require()
+    from adapters.registry import RegistryError
+    from daemon.exporting import sync_store
+
+    registry = _registry(home)
+    try:
+        v = registry.rollback(args.version, force=args.force)
+    except RegistryError as e:
+        raise CliError(str(e)) from None
+    with Store.open(home) as store:
+        sync_store(store, registry)
+    now = v.version if v else "the base model"
+    result: dict[str, Any] = {"current": v.to_json() if v else None, "export": None}
+    note = ""
+    if args.export:
+        from daemon.exporting import export_adapter_dir, export_after_promotion, export_needed
+
+        settings = load_settings(home.settings)
+        todo = export_needed(home, settings)
+        if todo is not None:
+            with LiveStatus() as progress:
+                progress(f"exporting {now} to {home.exports / 'current.gguf'}...")
+                if v is None:
+                    try:
+                        result["export"] = export_adapter_dir(home, settings, None)
+                    except Exception as e:  # noqa: BLE001 - reported; the daemon's export job retries
+                        result["export"] = {"error": f"{type(e).__name__}: {e}"}
+                else:
+                    result["export"] = export_after_promotion(home, settings, v.version, v.path)
+    elif lock_holder(home.root) is None:
+        note = f" ({home.exports / 'current.gguf'} is unchanged: the daemon's export job, or `edge-unisd export`, " \
+               "updates it)"
+    if args.json:
+        _print_json(result)
+        return 0
+    print(f"current adapter: {now}{note}")
+    export = result["export"]
+    if export:
+        print(f"  export: {export.get('error') or export['gguf']}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from daemon.service import main as run_main
+
+    if args.first_round_after is not None and args.first_round_after < 0:
+        raise CliError(f"--first-round-after must be >= 0 seconds (got {args.first_round_after:g})")
+    return run_main(args)
+
+
+def _optional(module: str, what: str, extra: str):
+    """The `main` of a command module that may be absent (or lack its optional dependencies)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module).main
+    except ImportError as e:
+        raise CliError(f"`edge-unisd {what}` is not available: {e}; install it with "
+                       f"pip install 'edge-unisd[{extra}]'") from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    return _optional("daemon.serve", "serve", "serve")(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    return _optional("daemon.report", "report", "report")(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from daemon.demo import main as demo_main
+
+    return demo_main(args)
 
 
 # --- parser
@@ -388,19 +615,62 @@ def build_parser() -> argparse.ArgumentParser:
                        help="gate metrics of the current adapter on the held-out items")
     p.set_defaults(func=cmd_eval)
 
-    demo = sub.add_parser("demo", help="end-to-end UniSD adaptation of the bundled model on sample items")
+    p = sub.add_parser("export", parents=[home, as_json],
+                       help="merge an adapter into the base, write GGUF, verify it with llama.cpp, publish it")
+    p.add_argument("--adapter", metavar="DIR", default=None,
+                   help="a PEFT adapter folder for this home's base (default: the current version)")
+    p.add_argument("--quant", default=None,
+                   help="f32, f16, bf16, q8_0, or a llama.cpp K-quant such as q4_k_m (default: export_quant "
+                        "of the settings)")
+    p.add_argument("--format", choices=("merged", "lora"), default="merged",
+                   help="merged: the whole model; lora: the adapter alone as a llama.cpp LoRA GGUF")
+    p.add_argument("--out", metavar="PATH", default=None,
+                   help="a folder to publish current.gguf in (default: the home's exports/), or a .gguf file")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("adapters", help="the adapter versions of this home")
+    asub = p.add_subparsers(dest="action", required=True)
+    asub.add_parser("list", parents=[home, as_json], help="every version, its status and metrics")
+    p.set_defaults(func=cmd_adapters)
+
+    p = sub.add_parser("rollback", parents=[home, as_json],
+                       help="make an earlier adapter version current again ('base': no adapter)")
+    p.add_argument("version", metavar="VERSION", help="e.g. v0003 (see `edge-unisd adapters list`), or base")
+    p.add_argument("--force", action="store_true", help="allow a version the evaluation gate rejected")
+    p.add_argument("--export", action=argparse.BooleanOptionalAction, default=True,
+                   help="export it to exports/current.gguf now (default: yes)")
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("run", parents=[home],
+                       help="the daemon in the foreground (for systemd): intake, rounds, export, cleanup")
+    p.add_argument("--first-round-after", type=float, default=None, metavar="S",
+                   help="seconds before the first round may start (default: 60, so a boot is not slowed)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("serve", parents=[home, as_json],
+                       help="local OpenAI-compatible endpoint on the current GGUF (llama.cpp)")
+    p.add_argument("--host", default=None, help="address to bind (default: serve_host of the settings)")
+    p.add_argument("--port", type=int, default=None, help="TCP port (default: serve_port of the settings)")
+    p.add_argument("--collect", action=argparse.BooleanOptionalAction, default=None,
+                   help="store each exchange as an item (default: collect of the settings)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("report", parents=[home, as_json],
+                       help="an HTML report with plots of every round and adapter version")
+    p.add_argument("--out", metavar="DIR", default=None, help="where to write it (default: inside the home)")
+    p.set_defaults(func=cmd_report)
+
+    demo = sub.add_parser("demo", help="end to end on the bundled model: ingest, one round, evaluate, export, "
+                                       "answer with llama.cpp (under 10 minutes on 2 CPU cores)")
     demo.add_argument("--home", default=None, help="home directory (default: a temporary one)")
     demo.add_argument("--json", action="store_true", help="print the result as JSON")
     demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo's own)")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        from daemon.demo import main as demo_main
-
-        return demo_main(args)
     try:
         return args.func(args)
     except USER_ERRORS as e:

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adapters.registry import AdapterRegistry, AdapterVersion, RegistryError
 from budgets.cost_model import CostModel, CostModelError, cost_fingerprint
 from budgets.gates import (
     BudgetConfig,
@@ -40,9 +41,10 @@ from budgets.preemption import PreemptionMonitor
 from budgets.sensors import SensorReadings, read_sensors
 from budgets.sensors import now as sensors_now
 from daemon.evaluation import EvalSettings, evaluate, gate
+from daemon.exporting import export_after_promotion, registry_of, sync_store
 from daemon.home import Home
 from daemon.settings import DaemonSettings, load_settings
-from daemon.store import AdapterVersionRecord, Store, utcnow
+from daemon.store import Store
 from edge_unisd.atomic_io import atomic_dir, atomic_write_json, remove_stale_temps
 from edge_unisd.config import ConfigError, MethodConfig, load_method_config
 from edge_unisd.items import Item
@@ -72,23 +74,74 @@ class AdaptError(RuntimeError):
 
 # --- extension points ----------------------------------------------------------------------------
 
+TEST_TINY_MODEL_ENV = "EDGE_UNISD_TEST_TINY_MODEL"  # test-only hook, see `base_source`
+TINY_TEST_MODEL_DIR = "test-tiny-llama-v1"  # in the converted-model cache
+
+
+def base_source(spec: str | None):
+    """The base the settings name (None: the bundled SmolLM2-135M), as an `edge_unisd.modeling.BaseSource`.
+
+    TEST ONLY: with EDGE_UNISD_TEST_TINY_MODEL=1 in the environment the base is instead a tiny random
+    llama (2 layers, width 32) with the bundled tokenizer, saved once as an HF folder in the model cache,
+    so that a whole daemon (`edge-unisd run` in a subprocess) trains, evaluates and exports in seconds.
+    Never set it outside tests: the "model" is noise.
+    """
+    from edge_unisd.modeling import ModelLoadError, resolve_base
+
+    try:
+        if os.environ.get(TEST_TINY_MODEL_ENV) == "1":
+            return resolve_base(tiny_test_model_folder())
+        return resolve_base(spec)
+    except ModelLoadError as e:
+        raise AdaptError(str(e)) from None
+
+
+def tiny_test_model_folder() -> Path:
+    """The test hook's tiny random llama (fixed seed) with the bundled tokenizer; built once per cache."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from edge_unisd.modeling import default_cache_dir, gguf_to_hf_folder, resolve_base
+
+    cache = default_cache_dir()
+    target = cache / TINY_TEST_MODEL_DIR
+    if (target / "config.json").is_file():
+        return target
+    tok = AutoTokenizer.from_pretrained(gguf_to_hf_folder(resolve_base(None)))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                      tie_word_embeddings=True, initializer_range=0.5)  # peaked outputs: no near-ties
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    try:
+        with atomic_dir(target) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+    except FileExistsError:  # another process built it meanwhile
+        pass
+    return target
+
+
 def default_model_loader(spec: str | None):
     """The base model of the settings (None: the bundled SmolLM2-135M); tests inject a tiny one."""
     from edge_unisd.modeling import ModelLoadError, load_base
 
     try:
-        return load_base(spec)
+        return load_base(base_source(spec))
     except ModelLoadError as e:
         raise AdaptError(str(e)) from None
 
 
-def export_promoted(home: Home, settings: DaemonSettings, version: str, adapter_dir: Path) -> dict | None:
-    """Called right after `version` is promoted: the merged-model GGUF export plugs in here.
+def export_promoted(home: Home, settings: DaemonSettings, version: str, adapter_dir: Path,
+                    base: Any = None) -> dict | None:
+    """Called right after `version` is promoted: export it merged to `exports/current.gguf` (verified).
 
-    Returns what `adapt --once --json` reports under "export"; None: nothing was exported.
-    An exception is reported there too and never undoes the promotion.
+    Returns what `adapt --once --json` reports under "export". A refused or failed export keeps the
+    previous current.gguf, is reported there, and never undoes the promotion.
     """
-    return None
+    return export_after_promotion(home, settings, version, adapter_dir, base=base)
 
 
 def default_cost_model() -> CostModel:
@@ -101,15 +154,21 @@ def default_cost_model() -> CostModel:
                      estimated=tuple(per_token) + ("optimizer", "ema"))
 
 
-# --- the store's view of adapters ----------------------------------------------------------------
+# --- adapters: the registry is the truth, the store mirrors it ------------------------------------
 
-def current_adapter(store: Store) -> AdapterVersionRecord | None:
-    """The adapter in use: the most recently created promoted version (None: the base model)."""
-    promoted = [v for v in store.adapter_versions() if v.status == "promoted"]
-    return promoted[-1] if promoted else None
+def current_adapter(home: Home) -> AdapterVersion | None:
+    """The adapter in use: the registry's current version (None: the base model)."""
+    return registry_of(home).current()
 
 
-def _adapter_dir(version: AdapterVersionRecord | None) -> Path | None:
+def training_parent(registry: AdapterRegistry) -> AdapterVersion | None:
+    """What the next round continues from: the current version, unless it was trained on items the user
+    asked to forget; then a fresh adapter on the base ("retrain without them")."""
+    current = registry.current()
+    return None if current is None or current.trained_on_forgotten else current
+
+
+def _adapter_dir(version: AdapterVersion | None) -> Path | None:
     if version is None:
         return None
     path = Path(version.path)
@@ -117,6 +176,31 @@ def _adapter_dir(version: AdapterVersionRecord | None) -> Path | None:
         raise AdaptError(f"the current adapter {version.version} is missing at {path}; roll back to another "
                          "version (edge-unisd rollback VERSION) or restore the folder")
     return path
+
+
+def _recover(home: Home, store: Store, registry: AdapterRegistry) -> None:
+    """Repair what a kill between the writes at the end of a round left: a version that was stored but
+    never judged is rejected (its round runs again); a round whose version was judged is closed as done;
+    a round still marked running with nothing to resume is closed as interrupted; the store follows."""
+    pending = PendingRound.load(home.checkpoints / PLAN_FILE)
+    judged: dict[int, str] = {}
+    for v in registry.list():
+        if v.status == "candidate":  # its round resumes (or restarts) and makes a new one
+            registry.reject(v.version, "interrupted before the evaluation gate decided")
+            continue
+        round_id = v.config.get("round")
+        if isinstance(round_id, int) and not v.reason.startswith("interrupted"):
+            judged[round_id] = v.version
+    sync_store(store, registry)
+    for r in store.unfinished_rounds():
+        if r.id in judged:
+            v = registry.get(judged[r.id])
+            log.info("round %d ended with %s before it was closed; closing it", r.id, v.version)
+            store.finish_round(r.id, "done", metrics=v.metrics, adapter_version=v.version)
+        elif pending is None or pending.round_id != r.id:
+            store.finish_round(r.id, "interrupted", error="the process ended during the round")
+    if pending is not None and pending.round_id in judged:
+        _clear_round_files(home)
 
 
 # --- the round's plan, kept on disk for a resume --------------------------------------------------
@@ -347,10 +431,13 @@ def _plan(store: Store, cfg: MethodConfig, cost_model: CostModel, budget: float,
 
 def _start_round(home: Home, store: Store, *, preset: str, overrides: dict[str, Any], budget: float,
                  epochs: int, max_items: int | None, force: bool, fingerprint: Callable[[str], dict],
-                 decision: GateDecision) -> tuple[PendingRound | None, str]:
+                 decision: GateDecision, cost_model: CostModel | None = None) -> tuple[PendingRound | None, str]:
     """Plan within the budget, record the round as running and write its plan file before any step."""
     cfg = _method_config(preset, overrides)
-    cost_model, cost_source = _cost_model(home, fingerprint(preset))
+    if cost_model is not None:
+        cost_source = "given"
+    else:
+        cost_model, cost_source = _cost_model(home, fingerprint(preset))
     plan, why = _plan(store, cfg, cost_model, budget, epochs=epochs, max_items=max_items, force=force)
     if plan is None:
         return None, why
@@ -358,7 +445,7 @@ def _start_round(home: Home, store: Store, *, preset: str, overrides: dict[str, 
         micro = min(plan.batch_size, cfg.optim.micro_batch_size)
         overrides = {**overrides, "optim": {**overrides.get("optim", {}), "batch_size": plan.batch_size,
                                             "micro_batch_size": micro}}
-    parent = current_adapter(store)
+    parent = training_parent(registry_of(home))
     round_id = store.start_round(plan.item_ids, preset=preset)
     pending = PendingRound(
         round_id=round_id, item_ids=plan.item_ids, view_item_ids=plan.view_item_ids,
@@ -377,7 +464,7 @@ def _resumable(home: Home, store: Store) -> PendingRound | None:
     if pending is None:
         (home.checkpoints / CHECKPOINT_FILE).unlink(missing_ok=True)
         return None
-    parent = current_adapter(store)
+    parent = training_parent(registry_of(home))
     if (parent.version if parent else None) != pending.parent:
         log.info("the current adapter changed since round %d was planned; starting over", pending.round_id)
         _clear_round_files(home)
@@ -394,12 +481,14 @@ def adapt_once(home: Home, *, max_seconds: float | None = None, max_items: int |
                preset: str | None = None, force: bool = False, should_stop: Callable[[], bool] | None = None,
                progress: Progress | None = None, model_loader: ModelLoader | None = None,
                sensors: Callable[[], SensorReadings] | None = None, overrides: dict[str, Any] | None = None,
-               epochs: int = 1, eval_settings: EvalSettings | None = None) -> dict[str, Any]:
+               epochs: int = 1, eval_settings: EvalSettings | None = None,
+               cost_model: CostModel | None = None) -> dict[str, Any]:
     """Run one adaptation round now (or resume the interrupted one) and return what happened, JSON-ready.
 
     `force` ignores the gates, not the budget. `should_stop` is polled between steps (the daemon's
     signal handler); a stop checkpoints the round for the next call. `overrides` are MethodConfig
     overrides on the preset; `epochs` passes over the planned items (the budget covers all of them).
+    `cost_model` plans with these rates instead of this machine's stored ones (the demo's prior).
     """
     if epochs < 1:
         raise AdaptError(f"epochs must be >= 1 (got {epochs})")
@@ -412,6 +501,7 @@ def adapt_once(home: Home, *, max_seconds: float | None = None, max_items: int |
     with Store.open(home) as store, _round_lock(home):
         remove_stale_temps(home.adapters)
         remove_stale_temps(home.checkpoints)
+        _recover(home, store, registry_of(home))
         # --- gates: may this machine adapt now? ---
         readings = sensors()
         decision = evaluate_gates(readings, budget_cfg)
@@ -436,7 +526,7 @@ def adapt_once(home: Home, *, max_seconds: float | None = None, max_items: int |
             pending, why = _start_round(home, store, preset=preset or settings.preset,
                                         overrides=dict(overrides or {}), budget=budget, epochs=epochs,
                                         max_items=max_items, force=force, fingerprint=_fingerprint_fn(loaded),
-                                        decision=decision)
+                                        decision=decision, cost_model=cost_model)
             if pending is None:
                 return {"status": "skipped", "reason": why, "gates": decision.to_dict()}
         elif pending.round_id not in {r.id for r in store.unfinished_rounds()}:
@@ -482,7 +572,7 @@ def _run_round(home: Home, store: Store, settings: DaemonSettings, pending: Pend
     heldout = store.held_out_items()[-eval_settings.max_heldout_items:]
     checks = _load_checks(home)
     prompts = _general_prompts()[:eval_settings.general_prompts]
-    parent = next((v for v in store.adapter_versions() if v.version == pending.parent), None)
+    parent = _parent_version(home, pending.parent)
     tok = loaded.tokenizer
     model = _student_model(loaded, cfg, _adapter_dir(parent))
 
@@ -558,23 +648,18 @@ def _run_round(home: Home, store: Store, settings: DaemonSettings, pending: Pend
                      compare_adapter=PREVIOUS_ADAPTER if parent else None)
     verdict = gate(before, after, max_retention_jsd=eval_settings.max_retention_jsd,
                    fit_tolerance=eval_settings.fit_tolerance)
-    version = f"v{pending.round_id:04d}-{utcnow():%Y%m%dT%H%M%SZ}"
-    adapter_dir = home.adapters / version
-    with atomic_dir(adapter_dir) as tmp:
-        model.save_pretrained(str(tmp), selected_adapters=["default"])
-    status = "promoted" if verdict.promote else "rejected"
+    registry = registry_of(home)
     metrics = {"round": pending.round_id, "preset": pending.preset, "before": before, "after": after,
                "verdict": verdict.to_dict()}
-    store.add_adapter_version(version, adapter_dir, parent=pending.parent, status=status, metrics=metrics)
+    v = registry.add(model, parent=pending.parent, base_fingerprint=loaded.source.fingerprint,
+                     config={"round": pending.round_id, "preset": pending.preset, "overrides": pending.overrides},
+                     item_ids=[it.id for it in items], metrics=metrics)
+    version, adapter_dir = v.version, v.path
+    store.add_adapter_version(version, adapter_dir, parent=pending.parent, status="candidate", metrics=metrics)
+    status, why = _judge(registry, store, v, items, verdict.promote, verdict.reason)
+    sync_store(store, registry)
     after_key = _eval_key(version, loaded.source.fingerprint, heldout, prompts, checks, eval_settings)
     _cache_eval(store, after_key, after)  # the next round's "before" when this version is promoted
-    export = None
-    if verdict.promote:
-        try:
-            export = export_promoted(home, settings, version, adapter_dir)
-        except Exception as e:  # noqa: BLE001 - a failed export keeps the promotion; status shows it
-            log.warning("export of %s failed: %s", version, e)
-            export = {"error": f"{type(e).__name__}: {e}"}
     if reason == ["budget"]:
         summary["stopped"] = "budget spent"
     store.finish_round(pending.round_id, "done", metrics={**summary, "before": before, "after": after,
@@ -582,12 +667,49 @@ def _run_round(home: Home, store: Store, settings: DaemonSettings, pending: Pend
                        cost=cost, adapter_version=version)
     store.record_ledger(pending.round_id, predicted=pending.predicted_seconds, spent=spent, gates=gates)
     _clear_round_files(home)
-    _emit(progress, f"{version} {verdict.reason}")
-    return {"status": status, "reason": verdict.reason, **summary,
+    pruned = registry.prune(settings.keep_versions)
+    if pruned:
+        sync_store(store, registry)
+    _emit(progress, f"{version} {why}")
+    export = None
+    if status == "promoted":
+        _emit(progress, f"exporting {version} to {home.exports / 'current.gguf'} ({settings.export_quant}, "
+                        "verified with llama.cpp)...")
+        export = export_promoted(home, settings, version, adapter_dir, base=loaded.source)
+    return {"status": status, "reason": why, **summary,
             "metrics": {"before": before, "after": after}, "verdict": verdict.to_dict(),
             "adapter": {"version": version, "path": str(adapter_dir), "parent": pending.parent,
                         "status": status},
-            "export": export, "seconds": {**cost, "total": time.monotonic() - t_round}}
+            "pruned": pruned, "export": export, "seconds": {**cost, "total": time.monotonic() - t_round}}
+
+
+def _judge(registry: AdapterRegistry, store: Store, v: AdapterVersion, items: Sequence[Item], promote: bool,
+           reason: str) -> tuple[str, str]:
+    """Promote or reject the new version in the registry. Items forgotten while it trained flag it, and a
+    flagged version is never served."""
+    alive = {it.id for it in store.get_items([it.id for it in items])}
+    gone = [it.id for it in items if it.id not in alive]
+    if gone:
+        registry.mark_trained_on_forgotten(gone)
+        promote, reason = False, f"rejected: {len(gone)} of its items were forgotten while it trained"
+    try:
+        if promote:
+            registry.promote(v.version, reason)
+            return "promoted", reason
+    except RegistryError as e:
+        reason = f"rejected: {e}"
+    registry.reject(v.version, reason)
+    return "rejected", reason
+
+
+def _parent_version(home: Home, name: str | None) -> AdapterVersion | None:
+    if name is None:
+        return None
+    try:
+        return registry_of(home).get(name)
+    except RegistryError as e:
+        raise AdaptError(f"the round continues from adapter {name}, which is gone ({e}); "
+                         "delete checkpoints/round.json to start a new round") from None
 
 
 def _checkpoint_step(path: Path) -> int | None:
@@ -612,7 +734,7 @@ def evaluate_current(home: Home, *, model_loader: ModelLoader | None = None,
     settings = load_settings(home.settings)
     es = _eval_settings(settings, eval_settings)
     with Store.open(home) as store:
-        version = current_adapter(store)
+        version = current_adapter(home)
         heldout = store.held_out_items()[-es.max_heldout_items:]
         checks = _load_checks(home)
         _emit(progress, "loading the base model...")

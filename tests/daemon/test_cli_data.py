@@ -147,10 +147,24 @@ def test_status_json(home, tmp_path, capsys):
     s = json.loads(out)
     assert rc == 0
     assert s["items"] == {"total": 2, "pending": 2, "held_out": 0}
-    assert {"adapter", "gates", "last_round", "note"} <= set(s)
+    assert {"adapter", "gates", "last_round", "export", "daemon"} <= set(s)
     assert s["adapter"]["current"] is None and s["last_round"] is None and s["settings"]["collect"] is False
+    assert s["export"] is None and s["daemon"] == {"pid": None}
+    # real gates from this machine's sensors and the settings' [budget] table
+    assert isinstance(s["gates"]["open"], bool) and {"power", "load", "memory"} <= set(s["gates"]["gates"])
+    assert all(g["state"] in ("open", "closed", "unknown") for g in s["gates"]["gates"].values())
     rc, out, _ = run(capsys, "status", "--home", str(home))
-    assert rc == 0 and "2 stored, 2 waiting" in out
+    assert rc == 0 and "2 stored, 2 waiting" in out and "daemon:      not running" in out
+
+
+def test_status_gates_follow_the_budget_settings(home, capsys):
+    settings = Path(home) / "settings.toml"
+    settings.write_text(settings.read_text() + 'max_cpu_percent = 0\nwindows = ["00:00-00:01"]\n')
+    s = json.loads(run(capsys, "status", "--home", str(home), "--json")[1])
+    assert s["gates"]["gates"]["window"]["state"] in ("open", "closed") and s["gates"]["next_window"]
+    settings.write_text(settings.read_text() + "max_load_per_core = -3\n")
+    rc, _, err = run(capsys, "status", "--home", str(home))
+    assert rc == 2 and "max_load_per_core" in err
 
 
 def test_forget(home, tmp_path, capsys):
@@ -163,10 +177,80 @@ def test_forget(home, tmp_path, capsys):
     rc, out, _ = run(capsys, "forget", "--home", str(home), "--before", "2000-01-01")
     assert rc == 0 and "forgot 0 item(s)" in out
     rc, out, _ = run(capsys, "forget", "--home", str(home), "--all", "--json")
-    assert json.loads(out) == {"items": 2, "rollouts": 0, "marked_versions": [], "spool_files_removed": 1}
+    assert json.loads(out) == {"items": 2, "rollouts": 0, "marked_versions": [], "registry_marked": [],
+                               "current_trained_on_forgotten": None, "spool_files_removed": 1}
     assert json.loads(run(capsys, "status", "--home", str(home), "--json")[1])["items"]["total"] == 0
     with pytest.raises(SystemExit):  # exactly one of --id/--before/--all
         main(["forget", "--home", str(home)])
+
+
+def make_adapter(folder: Path, seed: int = 0) -> Path:
+    """A real (tiny) PEFT adapter folder: the registry checks the files, not the base."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1))
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(folder)
+    return folder
+
+
+def test_adapters_list_and_rollback(home, tmp_path, capsys):
+    from adapters.registry import AdapterRegistry
+
+    reg = AdapterRegistry(Home(home).adapters)
+    assert run(capsys, "adapters", "list", "--home", str(home))[1].startswith("no adapter versions yet")
+    folder = make_adapter(tmp_path / "a")
+    for i in range(3):
+        v = reg.add(folder, metrics={"after": {"fit_nll": 1.0 + i, "retention_jsd": 0.01}}, item_ids=[f"i{i}"])
+        reg.promote(v.version) if i < 2 else reg.reject(v.version, "rejected: retention JSD vs base 0.2 > bound")
+    rc, out, _ = run(capsys, "adapters", "list", "--home", str(home), "--json")
+    listed = json.loads(out)
+    assert rc == 0 and [(v["version"], v["status"]) for v in listed] == [
+        ("v0001", "retired"), ("v0002", "promoted"), ("v0003", "rejected")]
+    assert all(set(v) == {"version", "path", "status", "created", "metrics"} for v in listed)
+    assert (Path(listed[0]["path"]) / "adapter_config.json").is_file()
+    text = run(capsys, "adapters", "list", "--home", str(home))[1]
+    assert "* v0002" in text and "retention JSD vs base 0.2" in text
+
+    rc, out, _ = run(capsys, "rollback", "v1", "--home", str(home), "--no-export")
+    assert rc == 0 and out.startswith("current adapter: v0001")
+    assert reg.current().version == "v0001"
+    rc, _, err = run(capsys, "rollback", "v0003", "--home", str(home), "--no-export")
+    assert rc == 2 and "only with --force" in err
+    rc, out, _ = run(capsys, "rollback", "base", "--home", str(home), "--no-export", "--json")
+    assert rc == 0 and json.loads(out)["current"] is None and reg.current() is None
+    rc, _, err = run(capsys, "rollback", "v0009", "--home", str(home), "--no-export")
+    assert rc == 2 and "v0009 not found" in err
+    s = json.loads(run(capsys, "status", "--home", str(home), "--json")[1])
+    assert s["adapter"]["current"] is None and s["adapter"]["versions"] == 3
+    run(capsys, "rollback", "v0002", "--home", str(home), "--no-export")
+    s = json.loads(run(capsys, "status", "--home", str(home), "--json")[1])
+    assert s["adapter"]["current"]["version"] == "v0002" and s["adapter"]["current"]["status"] == "promoted"
+    from daemon.store import Store
+
+    with Store.open(Home(home)) as store:  # the store's rows follow the registry
+        assert {v.version: v.status for v in store.adapter_versions()} == {
+            "v0001": "retired", "v0002": "promoted", "v0003": "rejected"}
+
+
+def test_serve_and_report_are_dispatched_lazily(home, monkeypatch, capsys):
+    seen = {}
+    for name in ("serve", "report"):
+        fake = types.ModuleType(f"daemon.{name}")
+        fake.main = lambda args, name=name: seen.setdefault(name, args) and 0
+        monkeypatch.setitem(sys.modules, f"daemon.{name}", fake)
+    assert main(["serve", "--home", str(home), "--port", "9000", "--collect"]) == 0
+    a = seen["serve"]
+    assert (a.home, a.host, a.port, a.collect, a.json) == (str(home), None, 9000, True, False)
+    assert build_parser().parse_args(["serve"]).collect is None  # unset: the settings decide
+    assert main(["report", "--home", str(home), "--out", "/tmp/r", "--json"]) == 0
+    assert (seen["report"].out, seen["report"].json) == ("/tmp/r", True)
+    monkeypatch.setitem(sys.modules, "daemon.serve", None)  # not installed: a clear error, not a traceback
+    rc, _, err = run(capsys, "serve", "--home", str(home))
+    assert rc == 2 and "`edge-unisd serve` is not available" in err
 
 
 def test_demo_keeps_its_flags_and_dispatch(monkeypatch):
