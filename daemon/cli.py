@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -669,7 +670,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# peft asks transformers 5 for `is_gradient_checkpointing` on every adapter load, which warns each time
+# about a rename the user can do nothing about.
+QUIET_WARNINGS = (r".*`is_gradient_checkpointing` is deprecated.*",)
+
+
 def main(argv: list[str] | None = None) -> int:
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
