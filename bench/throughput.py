@@ -4,11 +4,15 @@
     HF_HUB_OFFLINE=1 .venv/bin/python bench/throughput.py --compare-views     # edge: K views for 1/4 vs none
     HF_HUB_OFFLINE=1 .venv/bin/python bench/throughput.py --model llama-1b    # random weights, larger shape
     HF_HUB_OFFLINE=1 .venv/bin/python bench/throughput.py --tiny              # smoke run (seconds)
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/throughput.py --rollout-backend llamacpp  # rollouts in llama.cpp
 
 Runs `--warmup` untimed steps, then `--steps` timed ones of `UniSDTrainer.step` on the bundled sample
 user's items (each completion forced to exactly `--tokens` tokens: EOS is suppressed until then), and
 reports the trainer's own stage clocks (rollout, teacher, views, student fwd+bwd, optimizer, EMA).
 `--view-fraction` routes that share of each batch to the K auxiliary views, as the daemon's planner does.
+`--rollout-backend llamacpp` samples the rollouts in llama.cpp from the base GGUF with the live LoRA swapped in
+each step (adapters/llama_rollout.py): the bundled Q4_1 file, or, for random weights, an f32 (--tiny) or
+f16 GGUF of them written to a temp dir first; "rollout_backend_totals" splits its adapter-swap seconds out.
 
 MFU: the student stage's model FLOPs (bench/limit.py conventions: LoRA training 4N + attention + LoRA
 terms over every prompt and completion position, LM head on the completion positions) divided by its
@@ -188,17 +192,53 @@ def views_per_batch(batch: int, fraction: float) -> int:
 
 
 def method_overrides(*, batch: int, tokens: int, lora_rank: int, lr: float = 1e-4, seed: int = 0,
-                     gradient_checkpointing: bool = True, temperature: float = 1.0) -> dict[str, Any]:
+                     gradient_checkpointing: bool = True, temperature: float = 1.0,
+                     rollout_backend: str = "hf") -> dict[str, Any]:
     """MethodConfig overrides shared by every bench run: exactly `tokens` completion tokens per item,
     one micro-batch per step, sampling at `temperature` with no top-p (as TRL's SDFT defaults)."""
     return {"seed": seed, "gradient_checkpointing": gradient_checkpointing,
-            "rollout": {"max_new_tokens": tokens, "min_new_tokens": tokens, "temperature": temperature, "top_p": 1.0},
+            "rollout": {"max_new_tokens": tokens, "min_new_tokens": tokens, "temperature": temperature, "top_p": 1.0,
+                        "backend": rollout_backend},
             "optim": {"batch_size": batch, "micro_batch_size": batch, "lr": lr, "weight_decay": 0.0,
                       "max_grad_norm": 1.0},
             "lora": {"rank": lora_rank, "alpha": 2.0 * lora_rank, "dropout": 0.0, "target_modules": "all-linear"}}
 
 
-def build_trainer(loaded, cfg, pool: Sequence, total_steps: int, seed: int = 0):
+def build_rollout_backend(kind: str, loaded, *, tiny: bool):
+    """None for HF generate; else LlamaCppRollout on the base GGUF (random weights: exported to one first)."""
+    if kind == "hf":
+        return None
+    import tempfile
+
+    import torch
+
+    from adapters.llama_rollout import LlamaCppRollout, RolloutBackendError
+
+    try:
+        if loaded.source.kind == "gguf":
+            return LlamaCppRollout(loaded.source.path, loaded.tokenizer, n_threads=torch.get_num_threads())
+        # the base GGUF is mapped by llama.cpp, so its temp dir can go as soon as it is loaded
+        with tempfile.TemporaryDirectory(prefix="bench-rollout-") as tmp:
+            path = random_weights_gguf(loaded, Path(tmp), "f32" if tiny else "f16")
+            return LlamaCppRollout(path, loaded.tokenizer, n_threads=torch.get_num_threads())
+    except RolloutBackendError as e:
+        raise SystemExit(f"--rollout-backend llamacpp: {e}") from e
+
+
+def random_weights_gguf(loaded, folder: Path, quant: str) -> Path:
+    """Random-weight models have no file: write their config, tokenizer and weights as one GGUF."""
+    from adapters.gguf_export import ExportError, write_merged_from_hf
+
+    hf = folder / "hf"
+    loaded.model.config.save_pretrained(hf)
+    loaded.tokenizer.save_pretrained(hf)
+    try:
+        return write_merged_from_hf(hf, loaded.model.state_dict(), folder / f"base-{quant}.gguf", quant)
+    except ExportError as e:
+        raise SystemExit(f"--rollout-backend llamacpp: this random model cannot be written as GGUF: {e}") from e
+
+
+def build_trainer(loaded, cfg, pool: Sequence, total_steps: int, seed: int = 0, rollout_backend=None):
     """A fresh LoRA adapter on the frozen base and a UniSDTrainer for it (profile = the sample user's)."""
     import torch
 
@@ -209,7 +249,8 @@ def build_trainer(loaded, cfg, pool: Sequence, total_steps: int, seed: int = 0):
     torch.manual_seed(seed)  # the same initial adapter every run
     model = attach_lora(loaded.model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                         target_modules=cfg.lora.target_modules)
-    return UniSDTrainer(model, loaded.tokenizer, cfg, total_steps=total_steps, profile=load_profile(), pool=pool)
+    return UniSDTrainer(model, loaded.tokenizer, cfg, total_steps=total_steps, profile=load_profile(), pool=pool,
+                        rollout_backend=rollout_backend)
 
 
 def timed_step(trainer, batch: Sequence, view_fraction: float) -> tuple[Any, float]:
@@ -307,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: every CPU)")
     p.add_argument("--repeats", type=int, default=None, help="matmul timing repeats for the MFU ceiling")
     p.add_argument("--tiny", action="store_true", help="smoke run: tiny random llama, 1 step, 4 tokens")
+    p.add_argument("--rollout-backend", choices=("hf", "llamacpp"), default="hf",
+                   help="rollout engine: hf generate (default) or llama.cpp on the base GGUF with the live LoRA")
     return p
 
 
@@ -324,7 +367,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     load_start = limit.load_average()
     cfg = load_method_config(args.preset, method_overrides(
         batch=args.batch, tokens=args.tokens, lora_rank=args.lora_rank,
-        gradient_checkpointing=not args.no_checkpointing))
+        gradient_checkpointing=not args.no_checkpointing, rollout_backend=args.rollout_backend))
     if args.compare_views and not (cfg.uses_views and cfg.agreement_routing == "given"):
         raise SystemExit(f"--compare-views needs a preset that routes K views to given items (edge), "
                          f"not {args.preset!r}")
@@ -333,7 +376,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     per_step = 2 if args.compare_views else 1
     items, pool = bench_items(args.batch * (args.warmup + args.steps))
     batches = step_batches(items, args.batch, args.warmup + args.steps)
-    trainer = build_trainer(loaded, cfg, pool, total_steps=(args.warmup + args.steps) * per_step)
+    backend = build_rollout_backend(args.rollout_backend, loaded, tiny=args.tiny)
+    trainer = build_trainer(loaded, cfg, pool, total_steps=(args.warmup + args.steps) * per_step,
+                            rollout_backend=backend)
 
     # matmul rate at this model's shapes and dtype, measured in this process before the steps
     prompt_len = statistics.mean(student_prompt_lengths(loaded.tokenizer, batches[0]))
@@ -370,7 +415,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                      "view_items_per_step": views_per_batch(args.batch, args.view_fraction)
                      if cfg.agreement_routing == "given" else (args.batch if cfg.uses_views else 0),
                      "num_views": cfg.num_views, "lora_rank": args.lora_rank,
-                     "gradient_checkpointing": cfg.gradient_checkpointing, "chunk_tokens": cfg.chunk_tokens},
+                     "gradient_checkpointing": cfg.gradient_checkpointing, "chunk_tokens": cfg.chunk_tokens,
+                     "rollout_backend": args.rollout_backend},
+        "rollout_backend_totals": dict(backend.totals) if backend else None,
         **summary,
         "peak_rss_gb": peak_rss_gb(), "rss_after_load_gb": rss_loaded, "peak_rss_at_load_gb": peak_at_load,
         "peak_cuda_gb": torch.cuda.max_memory_allocated(loaded.device) / 1e9 if cuda else None,
@@ -391,7 +438,7 @@ def print_table(r: Mapping[str, Any]) -> None:
           f"load {m['load_avg_start']} -> {m['load_avg_end']}")
     print(f"{'model / preset':24s} {r['model']['name']} ({r['model']['dtype']}) / {s['preset']}   "
           f"batch {s['batch']} x {s['tokens']} tokens, {s['steps']} steps, "
-          f"{s['view_items_per_step']} items/step get K={s['num_views']} views")
+          f"{s['view_items_per_step']} items/step get K={s['num_views']} views, rollouts: {s['rollout_backend']}")
     print(f"{'whole step':24s} {_fmt(r['tokens_per_s'])} completion tokens/s   {r['seconds_per_step']:.2f} s/step")
     for stage, sec in r["stage_seconds"].items():
         print(f"{'  ' + stage:24s} {sec / max(1, r['steps']):7.2f} s/step  {r['stage_share'][stage]:5.1%}  "

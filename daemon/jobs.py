@@ -585,7 +585,8 @@ def _run_round(home: Home, store: Store, settings: DaemonSettings, pending: Pend
         _cache_eval(store, before_key, before)
 
     # --- train: resumable, preemptible, within the budget ---
-    trainer = UniSDTrainer(model, tok, cfg, total_steps=pending.steps, profile=store.get_profile(), pool=pool)
+    trainer = UniSDTrainer(model, tok, cfg, total_steps=pending.steps, profile=store.get_profile(), pool=pool,
+                           rollout_backend=_rollout_backend(cfg, loaded))
     ckpt = home.checkpoints / CHECKPOINT_FILE
     resumed_from = _checkpoint_step(ckpt) if resumed else None
     monitor = None if force else PreemptionMonitor(lambda: evaluate_gates(sensors(), budget_cfg),
@@ -710,6 +711,21 @@ def _parent_version(home: Home, name: str | None) -> AdapterVersion | None:
     except RegistryError as e:
         raise AdaptError(f"the round continues from adapter {name}, which is gone ({e}); "
                          "delete checkpoints/round.json to start a new round") from None
+
+
+def _rollout_backend(cfg: MethodConfig, loaded: Any) -> Any:
+    """llama.cpp sampling for `rollout.backend = "llamacpp"` (faster on CPU; needs a GGUF base), else None."""
+    if cfg.rollout.backend != "llamacpp":
+        return None
+    if loaded.source.kind != "gguf":
+        raise AdaptError(f"rollout.backend llamacpp samples from the base GGUF, but the base is an HF folder "
+                         f"({loaded.source.path}); use rollout.backend hf")
+    from adapters.llama_rollout import LlamaCppRollout, RolloutBackendError
+
+    try:
+        return LlamaCppRollout(loaded.source.path, loaded.tokenizer)
+    except RolloutBackendError as e:
+        raise AdaptError(str(e)) from None
 
 
 def _checkpoint_step(path: Path) -> int | None:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -54,6 +55,14 @@ from edge_unisd.views import (
 log = logging.getLogger(__name__)
 
 STAGES = ("rollout", "teacher", "views", "student", "optimizer", "ema")
+
+
+class RolloutBackend(Protocol):
+    """Another engine for the rollout stage (e.g. adapters.llama_rollout.LlamaCppRollout): same contract
+    as `generate_completions`, sampling from `model` as it is now (active adapter, or none when disabled)."""
+
+    def generate(self, model, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
+                 min_new_tokens: int, seed: int | None) -> Rollout: ...
 
 
 @dataclass
@@ -109,7 +118,12 @@ class UniSDTrainer:
     """Owns the optimizer, the schedule and the EMA adapter of one PEFT model (adapter "default")."""
 
     def __init__(self, model, tokenizer, cfg: MethodConfig, *, total_steps: int, profile: str | None = None,
-                 pool: Sequence[Item] = ()) -> None:
+                 pool: Sequence[Item] = (), rollout_backend: RolloutBackend | None = None) -> None:
+        if cfg.rollout.backend == "llamacpp" and rollout_backend is None:
+            raise ValueError("rollout.backend is 'llamacpp' but no rollout_backend was given: pass "
+                             "rollout_backend=LlamaCppRollout(base_gguf, tokenizer) (adapters.llama_rollout), "
+                             "built from the base GGUF this model was loaded from, or set rollout.backend to 'hf'")
+        self.rollout_backend = rollout_backend
         pin_mmap_threshold()  # freed activations go back to the OS (see edge_unisd.heap)
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.profile = profile
@@ -199,10 +213,13 @@ class UniSDTrainer:
         return [render_prompt(self.tokenizer, it.messages, ctx) for it, ctx in zip(items, contexts, strict=True)]
 
     def _rollout(self, prompts: list[list[int]]) -> Rollout:
+        """Completions from the model as it is now: the given backend (llama.cpp), else batched HF generate."""
         r = self.cfg.rollout
-        return generate_completions(self.model, self.tokenizer, prompts, max_new_tokens=r.max_new_tokens,
-                                    temperature=r.temperature, top_p=r.top_p, min_new_tokens=r.min_new_tokens,
-                                    seed=self.cfg.seed * 1_000_003 + self.step_count)
+        kw = dict(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                  min_new_tokens=r.min_new_tokens, seed=self.cfg.seed * 1_000_003 + self.step_count)
+        if self.rollout_backend is not None:
+            return self.rollout_backend.generate(self.model, prompts, **kw)
+        return generate_completions(self.model, self.tokenizer, prompts, **kw)
 
     def _distill_micro_step(self, items: Sequence[Item], view_item_ids: Collection[str], scale: float,
                             timer: _StageTimer) -> dict:

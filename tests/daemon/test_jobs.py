@@ -417,3 +417,12 @@ def test_forget_flags_the_versions_in_the_registry_and_the_next_round_starts_fre
     r = adapt(home, loader)
     assert r["status"] == "promoted" and r["adapter"]["parent"] is None, r["reason"]
     assert registry(home).current().version == "v0002"
+
+
+def test_the_llama_cpp_rollout_backend_needs_a_gguf_base(home, loader):
+    overrides = {**OVERRIDES, "rollout": {**OVERRIDES["rollout"], "backend": "llamacpp"}}
+    with pytest.raises(jobs.AdaptError, match="rollout.backend llamacpp samples from the base GGUF"):
+        jobs.adapt_once(home, model_loader=loader, overrides=overrides, eval_settings=EVAL, sensors=readings)
+    with Store.open(home) as store:
+        assert store.last_round().status == "failed" and store.unfinished_rounds() == []
+    assert not (home.checkpoints / jobs.PLAN_FILE).exists()

@@ -1,0 +1,239 @@
+"""The llama.cpp rollout backend (adapters/llama_rollout.py) on a tiny random llama exported to an f32 GGUF:
+greedy tokens equal HF generate's with the live LoRA (on-policy), the adapter is re-applied on every call,
+the padding/mask contract matches, the trainer uses the backend, and misuse fails with a clear error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapters.llama_rollout import LlamaCppRollout, RolloutBackendError, pack_rows
+from edge_unisd.config import ConfigError, load_method_config
+from edge_unisd.items import Item
+from edge_unisd.modeling import attach_lora, load_base
+from edge_unisd.rollout import generate_completions
+from edge_unisd.trainer import UniSDTrainer
+from edge_unisd.views import render_prompt
+from tests.adapters.conftest import make_tiny_model
+
+QUESTIONS = ["What is the capital of France?", "def square(x):", "Hello there!", "Water boils at"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(HF folder, f32 GGUF of the same weights): peaked weights (init 0.5) so greedy has no near-ties."""
+    from adapters.gguf_export import write_merged_from_hf
+
+    folder = make_tiny_model(tmp_path_factory.mktemp("tiny-llama-peaked"), "llama", init=0.5)
+    gguf_path = folder.parent / "base-f32.gguf"
+    write_merged_from_hf(folder, load_base(folder).model.state_dict(), gguf_path, "f32")
+    return folder, gguf_path
+
+
+@pytest.fixture(scope="module")
+def backend(tiny):
+    folder, gguf_path = tiny
+    b = LlamaCppRollout(gguf_path, load_base(folder).tokenizer, n_threads=1)
+    yield b
+    b.close()
+
+
+def _randomise_lora(model, seed: int, b_std: float = 0.3) -> None:
+    """PEFT's zero lora_B changes nothing: make the adapter matter."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, b_std)
+
+
+def _peft(folder, seed: int = 1):
+    loaded = load_base(folder)
+    model = attach_lora(loaded.model, rank=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    _randomise_lora(model, seed)
+    return model, loaded.tokenizer
+
+
+def _prompts(tokenizer) -> list[list[int]]:
+    return [render_prompt(tokenizer, ({"role": "user", "content": q},)) for q in QUESTIONS]
+
+
+def _greedy_pair(model, tokenizer, backend, prompts, **kw):
+    hf = generate_completions(model, tokenizer, prompts, temperature=0.0, **kw)
+    lc = backend.generate(model, prompts, temperature=0.0, **kw)
+    return hf, lc
+
+
+def _assert_same(hf, lc) -> None:
+    assert torch.equal(hf.completion_ids, lc.completion_ids), (hf.completion_ids.tolist(), lc.completion_ids.tolist())
+    torch.testing.assert_close(hf.completion_mask, lc.completion_mask)
+
+
+# --- on-policy: the same tokens as HF generate with the live adapter ------------------------------
+
+def test_greedy_tokens_equal_hf_generate_with_the_lora(tiny, backend):
+    model, tok = _peft(tiny[0])
+    prompts = _prompts(tok)
+    hf, lc = _greedy_pair(model, tok, backend, prompts, max_new_tokens=16)
+    _assert_same(hf, lc)
+    with model.disable_adapter():
+        base = generate_completions(model, tok, prompts, max_new_tokens=16, temperature=0.0)
+    assert not torch.equal(base.completion_ids, hf.completion_ids), "the LoRA must change the output to mean anything"
+
+
+def test_adapter_is_rewritten_on_every_call(tiny, backend):
+    model, tok = _peft(tiny[0])
+    prompts = _prompts(tok)
+    before = backend.generate(model, prompts, max_new_tokens=12, temperature=0.0)
+    _randomise_lora(model, seed=7)  # what an optimizer step does: the same modules, new values
+    hf, after = _greedy_pair(model, tok, backend, prompts, max_new_tokens=12)
+    assert not torch.equal(before.completion_ids, after.completion_ids)
+    _assert_same(hf, after)
+
+
+def test_disabled_adapter_samples_the_base(tiny, backend):
+    model, tok = _peft(tiny[0])
+    prompts = _prompts(tok)
+    backend.generate(model, prompts, max_new_tokens=4, temperature=0.0)  # a LoRA is set on the context now
+    with model.disable_adapter():  # the SFT path's teacher completions
+        hf, lc = _greedy_pair(model, tok, backend, prompts, max_new_tokens=12)
+    _assert_same(hf, lc)
+
+
+def test_sampling_is_seeded(tiny, backend):
+    model, tok = _peft(tiny[0])
+    prompts = _prompts(tok)
+
+    def sample(seed: int):
+        return backend.generate(model, prompts, max_new_tokens=16, temperature=3.0, top_p=0.95, seed=seed)
+
+    a, b, c = sample(3), sample(3), sample(4)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    assert not torch.equal(a.completion_ids, c.completion_ids)
+
+
+# --- the Rollout contract: EOS, min_new_tokens, max_new_tokens ------------------------------------
+
+def _with_extra_eos(model, tokenizer, backend, prompts) -> int:
+    """Make a token greedy decoding writes at position 2 of row 0 an EOS id (and not earlier in that row)."""
+    row = backend.generate(model, prompts, max_new_tokens=8, temperature=0.0).completion_ids[0].tolist()
+    eos = next(t for i, t in enumerate(row) if i >= 2 and t not in row[:i])
+    model.base_model.model.generation_config.eos_token_id = [tokenizer.eos_token_id, eos]
+    return row.index(eos)
+
+
+def test_eos_stops_the_row_and_pads_after_it(tiny, backend):
+    model, tok = _peft(tiny[0])
+    prompts = _prompts(tok)
+    at = _with_extra_eos(model, tok, backend, prompts)
+    hf, lc = _greedy_pair(model, tok, backend, prompts, max_new_tokens=8)
+    _assert_same(hf, lc)
+    assert lc.completion_mask[0].tolist() == [1.0] * (at + 1) + [0.0] * (lc.completion_ids.shape[1] - at - 1)
+    assert (lc.completion_ids[0, at + 1:] == tok.pad_token_id).all()
+
+
+def test_min_new_tokens_suppresses_every_eos(tiny, backend):
+    model, tok = _peft(tiny[0])
+    prompts = _prompts(tok)
+    at = _with_extra_eos(model, tok, backend, prompts)
+    eos = model.generation_config.eos_token_id
+    hf, lc = _greedy_pair(model, tok, backend, prompts, max_new_tokens=8, min_new_tokens=at + 3)
+    _assert_same(hf, lc)
+    early = lc.completion_ids[:, :at + 3]
+    assert not any((early == e).any() for e in eos)
+    assert (lc.completion_mask.sum(-1) >= at + 3).all()
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 3])
+def test_max_new_tokens_is_respected(tiny, backend, max_new_tokens):
+    model, tok = _peft(tiny[0])
+    prompts = _prompts(tok)
+    hf, lc = _greedy_pair(model, tok, backend, prompts, max_new_tokens=max_new_tokens,
+                          min_new_tokens=max_new_tokens)
+    assert lc.completion_ids.shape == (len(prompts), max_new_tokens)
+    assert lc.num_tokens == len(prompts) * max_new_tokens
+    _assert_same(hf, lc)
+
+
+def test_pack_rows_pads_after_eos_like_the_hf_path():
+    r = pack_rows([[5, 9, 2], [7, 7, 7, 7], [2]], eos_ids=[2, 9], pad_id=0)
+    assert r.completion_ids.tolist() == [[5, 9, 0, 0], [7, 7, 7, 7], [2, 0, 0, 0]]
+    assert r.completion_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    empty = pack_rows([[], []], eos_ids=[2], pad_id=0)
+    assert empty.completion_ids.tolist() == [[2], [2]] and empty.num_tokens == 2
+
+
+# --- the trainer ----------------------------------------------------------------------------------
+
+class _Spy:
+    """Records the trainer's calls and forwards them to the real backend."""
+
+    def __init__(self, inner: LlamaCppRollout) -> None:
+        self.inner, self.calls = inner, []
+
+    def generate(self, model, prompts, **kw):
+        self.calls.append(kw)
+        return self.inner.generate(model, prompts, **kw)
+
+
+def _trainer_cfg(backend: str):
+    return load_method_config("sd", {"rollout": {"max_new_tokens": 6, "temperature": 1.0, "backend": backend},
+                                     "gradient_checkpointing": False, "lora": {"rank": 4, "alpha": 8},
+                                     "optim": {"batch_size": 2, "micro_batch_size": 2}, "seed": 5})
+
+
+def test_trainer_rolls_out_through_the_backend(tiny, backend):
+    model, tok = _peft(tiny[0])
+    items = [Item(id=f"i{i}", messages=({"role": "user", "content": q},), reference="Paris.")
+             for i, q in enumerate(QUESTIONS[:2])]
+    spy = _Spy(backend)
+    trainer = UniSDTrainer(model, tok, _trainer_cfg("llamacpp"), total_steps=2, profile="Lives in Paris.",
+                           pool=items, rollout_backend=spy)
+    report = trainer.step(items)
+    assert len(spy.calls) == 1 and spy.calls[0]["seed"] == 5 * 1_000_003 and spy.calls[0]["max_new_tokens"] == 6
+    assert report.tokens["completion"] > 0 and report.stage_seconds["rollout"] > 0
+    assert torch.isfinite(torch.tensor(report.loss))
+
+
+def test_llamacpp_config_without_a_backend_is_refused(tiny):
+    model, tok = _peft(tiny[0])
+    with pytest.raises(ValueError, match="rollout_backend=LlamaCppRollout"):
+        UniSDTrainer(model, tok, _trainer_cfg("llamacpp"), total_steps=1)
+
+
+def test_unknown_backend_names_the_key():
+    with pytest.raises(ConfigError, match="rollout.backend"):
+        load_method_config("sd", {"rollout": {"backend": "vllm"}})
+
+
+# --- clear errors ---------------------------------------------------------------------------------
+
+def test_non_gguf_bases_are_refused(tiny, tmp_path):
+    folder, _ = tiny
+    tok = load_base(folder).tokenizer
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"PK\x03\x04 not a gguf")
+    for path, why in [(folder, "a folder, not a GGUF"), (fake, "not a GGUF file"), (tmp_path / "nope.gguf", "missing")]:
+        with pytest.raises(RolloutBackendError, match=why):
+            LlamaCppRollout(path, tok)
+
+
+def test_missing_llama_cpp_is_a_clear_error(tiny, monkeypatch):
+    import adapters.llama_runtime
+
+    def missing():
+        raise ModuleNotFoundError("No module named 'llama_cpp'")
+
+    monkeypatch.setattr(adapters.llama_runtime, "import_llama_cpp", missing)
+    with pytest.raises(RolloutBackendError, match="pip install llama-cpp-python"):
+        LlamaCppRollout(tiny[1], None)
+
+
+def test_wrong_model_or_too_long_prompt_is_refused(tiny, backend):
+    from tests.conftest import make_tiny_llama
+
+    model, tok = _peft(tiny[0])
+    with pytest.raises(RolloutBackendError, match="build LlamaCppRollout from the GGUF"):
+        backend.generate(make_tiny_llama(vocab_size=500), _prompts(tok), max_new_tokens=2)
+    with pytest.raises(RolloutBackendError, match="larger n_ctx"):
+        backend.generate(model, [[1] * 10], max_new_tokens=backend.n_ctx)
