@@ -228,7 +228,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         m = last.get("metrics") or {}
         fit = (m.get("before") or {}).get("fit_nll"), (m.get("after") or {}).get("fit_nll")
         cost = last.get("cost") or {}
-        print(f"last round:  #{last['id']} {last['status']} at {last['started_at']}, {last['n_items']} items"
+        started = dt.datetime.fromisoformat(last["started_at"]).astimezone().strftime("%Y-%m-%d %H:%M")
+        print(f"last round:  #{last['id']} {last['status']}, started {started}, {last['n_items']} items"
               + (f", held-out fit {_fmt(fit[0])} -> {_fmt(fit[1])}" if fit[1] is not None else "")
               + (f", {cost['spent_seconds']:.0f} s" if cost.get("spent_seconds") is not None else ""))
     else:
@@ -265,7 +266,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
         print(f"{len(set(args.id)) - result['items']} of the given ids were not stored")
     marked = sorted(set(result["marked_versions"]) | set(result["registry_marked"]))
     if marked:
-        print("adapter versions trained on them, now marked (never served again): " + ", ".join(marked))
+        print("adapter versions trained on them, now marked (no longer promoted or rolled back to): "
+              + ", ".join(marked))
     if result["current_trained_on_forgotten"]:
         print(f"the current adapter {result['current_trained_on_forgotten']} was trained on them: retrain without "
               "them (edge-unisd adapt --once --force) or serve the base model (edge-unisd rollback base)")
