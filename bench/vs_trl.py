@@ -54,7 +54,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 BENCH_DIR = Path(__file__).resolve().parent
-SYSTEMS = ("trl", "sd", "edge")
+SYSTEMS = ("trl", "sd", "edge", "sd-llamacpp", "edge-llamacpp")
+DEFAULT_SYSTEMS = ("trl", "sd", "edge")
+LLAMACPP_SUFFIX = "-llamacpp"  # ours with rollouts sampled by llama.cpp (adapters.llama_rollout)
 TEACHER_TEMPLATE = "{privileged_context}\n\n---\n\n{prompt}"  # edge_unisd.views.render_prompt's layout
 LOG_TAIL = 3000  # characters of a failed child's log shown in the error
 
@@ -106,16 +108,20 @@ def _child_result(tp, limit, load_start, rss_loaded: float, peak_at_load: float,
             "load_avg_start": load_start, "load_avg_end": limit.load_average(), **extra}
 
 
-def run_ours(args: argparse.Namespace, preset: str) -> dict[str, Any]:
+def run_ours(args: argparse.Namespace, system: str) -> dict[str, Any]:
     from edge_unisd.config import load_method_config
 
+    preset = system.removesuffix(LLAMACPP_SUFFIX)
+    backend_kind = "llamacpp" if system.endswith(LLAMACPP_SUFFIX) else "hf"
     tp, limit, load_start, loaded, items, pool = _start_child(args)
     rss_loaded, peak_at_load = tp.rss_gb(), tp.peak_rss_gb()  # RSS now, and the loading's own peak
-    overrides = tp.method_overrides(batch=args.batch, tokens=args.tokens, lora_rank=args.lora_rank, lr=args.lr)
+    overrides = tp.method_overrides(batch=args.batch, tokens=args.tokens, lora_rank=args.lora_rank, lr=args.lr,
+                                    rollout_backend=backend_kind)
     overrides["optim"].update({"schedule": "constant", "warmup_ratio": 0.0})
     cfg = load_method_config(preset, overrides)
     batches = tp.step_batches(items, args.batch, args.warmup + args.steps)
-    trainer = tp.build_trainer(loaded, cfg, pool, total_steps=args.warmup + args.steps)
+    backend = tp.build_rollout_backend(backend_kind, loaded, tiny=args.model == "tiny")
+    trainer = tp.build_trainer(loaded, cfg, pool, total_steps=args.warmup + args.steps, rollout_backend=backend)
     seconds, tokens, rollout = [], [], []
     for i, batch in enumerate(batches):
         report, sec = tp.timed_step(trainer, batch, args.view_fraction)
@@ -305,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="timed steps per run (default 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first in each run (default 1)")
     p.add_argument("--rounds", type=int, default=None, help="alternations of every system (default 2)")
-    p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=None, help="default: trl (if installed) sd edge")
+    p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=None,
+                   help="default: trl (if installed) sd edge; *-llamacpp: rollouts by llama.cpp")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--view-fraction", type=float, default=0.25, help="edge: share of each batch given K views")
@@ -330,7 +337,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
     limit = throughput().sibling("limit")
-    systems = args.systems or ([*SYSTEMS] if trl_available() else ["sd", "edge"])
+    systems = args.systems or ([*DEFAULT_SYSTEMS] if trl_available() else ["sd", "edge"])
     if "trl" in systems and not trl_available():
         raise SystemExit("trl is not installed: `pip install 'edge-unisd[bench]'`, or leave trl out of --systems")
     import torch
@@ -367,11 +374,11 @@ def print_table(r: Mapping[str, Any]) -> None:
     m, s = r["machine"], r["settings"]
     print(f"\n{s['model']} | batch {s['batch']} x {s['tokens']} tokens | {s['steps']} timed steps x {s['rounds']} "
           f"rounds | {m['processor']} x{m['cpus']} | load {m['load_avg_start']} -> {m['load_avg_end']}")
-    print(f"{'system':8s} {'s/step':>8s} {'tokens/s':>9s} {'rollout s':>10s} {'peak RSS GB':>12s}  "
+    print(f"{'system':14s} {'s/step':>8s} {'tokens/s':>9s} {'rollout s':>10s} {'peak RSS GB':>12s}  "
           f"{'x TRL tokens/s':>14s} {'x TRL RSS':>9s}")
     for system, v in r["systems"].items():
         ratio = r["ratios_vs_trl"].get(system, {})
-        print(f"{system:8s} {_f(v['seconds_per_step'], '.2f'):>8s} {_f(v['tokens_per_s'], '.1f'):>9s} "
+        print(f"{system:14s} {_f(v['seconds_per_step'], '.2f'):>8s} {_f(v['tokens_per_s'], '.1f'):>9s} "
               f"{_f(v['rollout_seconds_per_step'], '.2f'):>10s} {v['peak_rss_gb']:>12.2f}  "
               f"{_f(ratio.get('tokens_per_s'), '.2f'):>14s} {_f(ratio.get('peak_rss'), '.2f'):>9s}")
     trl_runs = [x for x in r["runs"] if x["system"] == "trl"]
