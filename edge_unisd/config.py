@@ -35,7 +35,8 @@ class RolloutSettings(_Strict):
     min_new_tokens: int = Field(0, ge=0, le=4096, description="suppress EOS before this many tokens (benchmarks)")
     backend: Literal["hf", "llamacpp"] = Field(
         "hf", description="rollout engine: hf (transformers generate, batched) or llamacpp (llama.cpp on the base "
-        "GGUF with the live LoRA swapped in each step: ~3x faster on CPU; the caller passes a LlamaCppRollout)")
+        "GGUF with the live LoRA swapped in each step, one sequence at a time: 69 vs 62 tokens/s at batch 8 x 64 "
+        "on 2 CPU cores; the caller passes a LlamaCppRollout)")
 
 
 class OptimSettings(_Strict):
