@@ -140,6 +140,21 @@ def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     return n
 
 
+def prefix_group(prompts: Sequence[Sequence[int]], min_prefix: int) -> list[int]:
+    """Rows of the largest group whose prompts share at least `min_prefix` tokens (each prompt keeping at
+    least one token of its own), in order. One odd prompt must not cost the whole batch its shared prefix."""
+    best: list[int] = []
+    for anchor in range(len(prompts)):
+        rows = [i for i in range(len(prompts))
+                if min(common_prefix_length([prompts[anchor], prompts[i]]), len(prompts[i]) - 1,
+                       len(prompts[anchor]) - 1) >= min_prefix]
+        if len(rows) > len(best):
+            best = rows
+        if len(best) == len(prompts):
+            break
+    return best
+
+
 def _prefix_cache(model, prefix: Sequence[int], device: torch.device, memo: dict | None):
     """KV cache of the shared prefix (batch 1); reused from `memo` when the weights cannot have changed."""
     key = tuple(prefix)
@@ -165,9 +180,20 @@ def completion_hidden_shared_prefix(model, prompts: Sequence[Sequence[int]], rol
     across calls while the weights are fixed (the base teacher); never for a moving teacher.
     """
     B = len(prompts)
-    shared = min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1)
-    if B < 2 or shared < min_prefix:
+    group = prefix_group(prompts, min_prefix) if B >= 2 else []
+    if len(group) < 2:
         return completion_hidden(model, prompts, rollout, pad_id, max_batch)
+    if len(group) < B:  # e.g. an item with its own system message: it runs whole, the others share
+        others = [i for i in range(B) if i not in set(group)]
+        parts = {}
+        for rows in (group, others):
+            sub = Rollout(rollout.completion_ids[rows], rollout.completion_mask[rows])
+            fn = completion_hidden_shared_prefix if rows is group else completion_hidden
+            kw = {"min_prefix": min_prefix, "memo": memo} if rows is group else {}
+            hidden = fn(model, [prompts[i] for i in rows], sub, pad_id, max_batch, **kw)
+            parts.update({i: hidden[j] for j, i in enumerate(rows)})
+        return torch.stack([parts[i] for i in range(B)])
+    shared = min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1)
     device = rollout.completion_ids.device
     prefix_kv = _prefix_cache(model, prompts[0][:shared], device, memo)
     step = max_batch or B

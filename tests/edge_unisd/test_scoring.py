@@ -116,3 +116,30 @@ def test_shared_prefix_forward_matches_the_full_forward(tiny_model):
     mask = rollout.completion_mask.bool()
     assert_close(shared[mask], whole[mask], atol=1e-4, rtol=1e-4)
     assert_close(again[mask], whole[mask], atol=1e-4, rtol=1e-4)
+
+
+def test_one_odd_prompt_runs_whole_and_the_others_still_share_their_prefix(tiny_model, monkeypatch):
+    import edge_unisd.scoring as scoring
+
+    prefix = list(range(100, 180))
+    odd = [100, 101] + list(range(300, 380))  # e.g. an item with its own system message
+    prompts = [prefix + [5, 6], odd, prefix + [7], prefix + [8, 9, 10, 11]]
+    completion = torch.tensor([[5, 6, 7, 2], [4, 4, 2, 2], [8, 9, 2, 2], [3, 4, 5, 6]])
+    rollout = Rollout(completion, torch.tensor([[1.0, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1]]))
+    assert scoring.prefix_group(prompts, 16) == [0, 2, 3]
+    assert scoring.prefix_group([prefix + [1], odd], 16) == [0]  # nothing to share
+    prefixes = []
+    real_cache = scoring._prefix_cache
+
+    def counting_cache(model, prefix, device, memo):
+        prefixes.append(len(prefix))
+        return real_cache(model, prefix, device, memo)
+
+    monkeypatch.setattr(scoring, "_prefix_cache", counting_cache)
+    with torch.no_grad():
+        whole = scoring.completion_hidden(tiny_model, prompts, rollout, pad_id=2)
+        mixed = scoring.completion_hidden_shared_prefix(tiny_model, prompts, rollout, pad_id=2, min_prefix=16)
+    assert prefixes == [80]  # the three that share ran their 80-token prefix once
+    mask = rollout.completion_mask.bool()
+    assert mixed.shape == whole.shape
+    assert_close(mixed[mask], whole[mask], atol=1e-4, rtol=1e-4)
