@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from edge_unisd.rollout import Rollout, completion_mask_from_ids, eos_token_ids
+from edge_unisd.scoring import common_prefix_length
 
 if TYPE_CHECKING:
     from adapters.gguf_export import ModelShape
@@ -96,15 +97,6 @@ def pack_rows(rows: Sequence[Sequence[int]], eos_ids: Sequence[int], pad_id: int
         ids_B_L[b, :len(row)] = torch.tensor(list(row), dtype=torch.long)
     mask_B_L = completion_mask_from_ids(ids_B_L, eos_ids)
     return Rollout(ids_B_L.masked_fill(mask_B_L == 0, pad_id).to(device), mask_B_L.to(device))
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class LlamaCppRollout:
@@ -216,7 +208,7 @@ class LlamaCppRollout:
                   min_new_tokens: int) -> list[int]:
         """One completion. KV of the prefix shared with the previous prompt (same adapter) is kept."""
         llm = self._llm
-        keep = min(common_prefix(llm.input_ids[:llm.n_tokens].tolist(), prompt), len(prompt) - 1)
+        keep = min(common_prefix_length([llm.input_ids[:llm.n_tokens].tolist(), prompt]), len(prompt) - 1)
         llm.n_tokens = keep  # eval() drops the KV cache from here on
         llm.eval(list(prompt[keep:]))
         out: list[int] = []
