@@ -429,6 +429,14 @@ def _plan(store: Store, cfg: MethodConfig, cost_model: CostModel, budget: float,
     return plan, plan.summary()
 
 
+def _plan_summary(why: str, epochs: int, predicted_per_pass: float, budget: float, cost_source: str) -> str:
+    """The planner's line is per pass over the items; with several passes, say so and give the round's total."""
+    if epochs == 1:
+        return f"{why} (cost model: {cost_source})"
+    return (f"per pass: {why}; {epochs} passes: predicted {predicted_per_pass * epochs:.0f}s of {budget:.0f}s "
+            f"(cost model: {cost_source})")
+
+
 def _start_round(home: Home, store: Store, *, preset: str, overrides: dict[str, Any], budget: float,
                  epochs: int, max_items: int | None, force: bool, fingerprint: Callable[[str], dict],
                  decision: GateDecision, cost_model: CostModel | None = None) -> tuple[PendingRound | None, str]:
@@ -452,7 +460,7 @@ def _start_round(home: Home, store: Store, *, preset: str, overrides: dict[str, 
         steps=plan.steps * epochs,
         preset=preset, overrides=overrides, parent=parent.version if parent else None,
         predicted_seconds=plan.predicted_seconds * epochs, budget_seconds=budget, n_new=plan.n_new,
-        n_replay=plan.n_replay, summary=f"{why} (x{epochs} epochs; cost model: {cost_source})",
+        n_replay=plan.n_replay, summary=_plan_summary(why, epochs, plan.predicted_seconds, budget, cost_source),
         gates={**decision.to_dict(), "forced": force})
     pending.save(home.checkpoints / PLAN_FILE)
     return pending, why

@@ -426,3 +426,10 @@ def test_the_llama_cpp_rollout_backend_needs_a_gguf_base(home, loader):
     with Store.open(home) as store:
         assert store.last_round().status == "failed" and store.unfinished_rounds() == []
     assert not (home.checkpoints / jobs.PLAN_FILE).exists()
+
+
+def test_a_multi_pass_plan_says_its_line_is_per_pass_and_gives_the_round_total():
+    one = jobs._plan_summary("16 items; predicted 48.2s of 50.0s budget", 1, 48.2, 50.0, "measured")
+    assert one == "16 items; predicted 48.2s of 50.0s budget (cost model: measured)"
+    six = jobs._plan_summary("16 items; predicted 48.2s of 50.0s budget", 6, 48.2, 300.0, "given")
+    assert six.startswith("per pass: 16 items") and "6 passes: predicted 289s of 300s" in six
