@@ -15,13 +15,6 @@ from daemon.cli import build_parser, main
 from daemon.home import Home
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for var in list(os.environ):
-        if var.startswith("EDGE_UNISD_"):
-            monkeypatch.delenv(var)
-
-
 @pytest.fixture
 def base(tmp_path) -> Path:
     """A stand-in HF model folder: init only checks it, never loads it."""

@@ -14,7 +14,7 @@ import subprocess
 from adapters.registry import PEFT_FILES, AdapterRegistry
 from daemon.lifecycle import lock_holder
 from daemon.store import Store
-from tests.daemon.test_service import Daemon, clean_env, console_script, make_home, wait_until  # noqa: F401
+from tests.daemon.test_service import Daemon, console_script, make_home, wait_until
 
 ROUND_DONE_S = 240.0
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 
@@ -27,9 +26,6 @@ def tiny(monkeypatch):
     import adapters.export
     from adapters.verify import Bar
 
-    for var in list(os.environ):
-        if var.startswith("EDGE_UNISD_"):
-            monkeypatch.delenv(var)
     monkeypatch.setenv(jobs.TEST_TINY_MODEL_ENV, "1")
     monkeypatch.setattr(demo, "DEMO_OVERRIDES", TINY)
     monkeypatch.setattr(demo, "DEMO_EVAL", TINY_EVAL)

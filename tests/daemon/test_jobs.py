@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime
 from pathlib import Path
 
@@ -28,13 +27,6 @@ OVERRIDES = {"rollout": {"max_new_tokens": 4}, "optim": {"batch_size": 4, "micro
 # fit may vary, and the retention bound is what a harmful adapter breaks.
 EVAL = EvalSettings(general_prompts=2, retention_new_tokens=4, accuracy_new_tokens=4, max_retention_jsd=0.1,
                     fit_tolerance=10.0)
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for var in list(os.environ):
-        if var.startswith("EDGE_UNISD_"):
-            monkeypatch.delenv(var)
 
 
 REAL_EXPORT = jobs.export_promoted

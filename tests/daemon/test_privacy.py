@@ -21,10 +21,7 @@ INET_TABLES = ("tcp", "tcp6", "udp", "udp6", "raw", "raw6")
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for var in list(os.environ):
-        if var.startswith("EDGE_UNISD_"):
-            monkeypatch.delenv(var)
+def tiny_model_env(monkeypatch):
     monkeypatch.setenv(jobs.TEST_TINY_MODEL_ENV, "1")  # the round and the export use the tiny test model
 
 

@@ -40,13 +40,6 @@ from edge_unisd.items import IngestRow
 SECRET = "prompt-text-that-must-never-reach-info-logs"
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for var in list(os.environ):
-        if var.startswith("EDGE_UNISD_"):
-            monkeypatch.delenv(var)
-
-
 @pytest.fixture
 def home(tmp_path) -> Home:
     h = Home(tmp_path / "home").create()

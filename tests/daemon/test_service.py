@@ -30,13 +30,6 @@ STOP_BOUND_S = 30.0
 OPEN_GATES = "check_power = false\nmax_load_per_core = 64\nmax_cpu_percent = 100\nmin_free_memory_bytes = 0\n"
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for var in list(os.environ):
-        if var.startswith("EDGE_UNISD_"):
-            monkeypatch.delenv(var)
-
-
 # --- helpers (test_crash.py uses them too) ---------------------------------------------------------
 
 def make_home(root: Path, n_items: int = 12, **settings: str) -> Home:

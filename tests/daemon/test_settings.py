@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import stat
 
 import pytest
@@ -14,13 +13,6 @@ from daemon.settings import (
     load_settings,
     write_default_settings,
 )
-
-
-@pytest.fixture(autouse=True)
-def no_env_overrides(monkeypatch):
-    for var in list(os.environ):
-        if var.startswith("EDGE_UNISD_"):
-            monkeypatch.delenv(var)
 
 
 def test_default_file_loads_back_to_the_defaults(tmp_path):
