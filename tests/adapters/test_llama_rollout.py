@@ -1,6 +1,7 @@
 """The llama.cpp rollout backend (adapters/llama_rollout.py) on a tiny random llama exported to an f32 GGUF:
 greedy tokens equal HF generate's with the live LoRA (on-policy), the adapter is re-applied on every call,
-the padding/mask contract matches, the trainer uses the backend, and misuse fails with a clear error."""
+all rows decoded together equal rows decoded one per call, the context grows for larger calls, the
+padding/mask contract matches, the trainer uses the backend, and misuse fails with a clear error."""
 
 from __future__ import annotations
 
@@ -110,6 +111,51 @@ def test_sampling_is_seeded(tiny, backend):
     a, b, c = sample(3), sample(3), sample(4)
     assert torch.equal(a.completion_ids, b.completion_ids)
     assert not torch.equal(a.completion_ids, c.completion_ids)
+
+
+# --- all rows in one llama_decode per step --------------------------------------------------------
+
+def _kept(rollout) -> list[list[int]]:
+    """Each row's tokens up to and including its EOS (what the mask keeps)."""
+    return [row[:int(n)] for row, n in zip(rollout.completion_ids.tolist(), rollout.completion_mask.sum(-1),
+                                           strict=True)]
+
+
+def test_rows_decoded_together_equal_rows_decoded_one_per_call(tiny, backend):
+    model, tok = _peft(tiny[0])
+    prompts = _prompts(tok)
+    prompts += [prompts[1][:-3], list(prompts[0])]  # one row a prefix of another, one row twice
+    at = _with_extra_eos(model, tok, backend, prompts)  # row 0 (and its copy) stop early
+    together = backend.generate(model, prompts, max_new_tokens=10, temperature=0.0)
+    alone = [_kept(backend.generate(model, [p], max_new_tokens=10, temperature=0.0))[0] for p in prompts]
+    assert _kept(together) == alone
+    clamped = [prompts[1], prompts[4]]  # the whole shorter prompt is shared: its last token is still decoded per row
+    assert _kept(backend.generate(model, clamped, max_new_tokens=10, temperature=0.0)) == [alone[1], alone[4]]
+    assert len(alone[0]) == at + 1 and len(alone[-1]) == at + 1 and max(len(r) for r in alone) == 10
+    assert len({len(p) for p in prompts}) > 1
+
+
+def test_context_grows_for_more_rows_and_longer_rows(tiny):
+    folder, gguf_path = tiny
+    model, tok = _peft(folder)
+    prompts = _prompts(tok)
+    b = LlamaCppRollout(gguf_path, tok, n_ctx=512, n_threads=1)
+    try:
+        hf, lc = _greedy_pair(model, tok, b, prompts[:2], max_new_tokens=6)
+        _assert_same(hf, lc)
+        rows, cells = b._ctx_rows, b._ctx_cells
+        assert rows == 2 and cells < 300
+        long = (prompts[2] * 6)[:300]  # past the first context's KV cells
+        more = prompts + [long] + prompts[:3]  # past its sequences
+        hf, lc = _greedy_pair(model, tok, b, more, max_new_tokens=6)
+        _assert_same(hf, lc)
+        assert b._ctx_rows == len(more) and b._ctx_cells >= len(long) + 6 * len(more)
+        _assert_same(*_greedy_pair(model, tok, b, prompts[:1], max_new_tokens=6))  # smaller: reused, not shrunk
+        assert b._ctx_rows == len(more)
+    finally:
+        b.close()
+    with pytest.raises(RolloutBackendError, match="was closed"):
+        b.generate(model, prompts, max_new_tokens=2)
 
 
 # --- the Rollout contract: EOS, min_new_tokens, max_new_tokens ------------------------------------
@@ -237,3 +283,15 @@ def test_wrong_model_or_too_long_prompt_is_refused(tiny, backend):
         backend.generate(make_tiny_llama(vocab_size=500), _prompts(tok), max_new_tokens=2)
     with pytest.raises(RolloutBackendError, match="larger n_ctx"):
         backend.generate(model, [[1] * 10], max_new_tokens=backend.n_ctx)
+    most = backend._ll.llama_max_parallel_sequences()
+    with pytest.raises(RolloutBackendError, match=f"at most {most} sequences"):
+        backend.generate(model, [[1]] * (most + 1), max_new_tokens=2)
+
+
+def test_failed_decode_is_a_clear_error(tiny, backend, monkeypatch):
+    model, tok = _peft(tiny[0])
+    monkeypatch.setattr(backend._ll, "llama_decode", lambda ctx, batch: 1)
+    with pytest.raises(RolloutBackendError, match=r"base-f32.gguf: llama_decode failed .* code 1: no KV cache slot"):
+        backend.generate(model, _prompts(tok), max_new_tokens=4)
+    monkeypatch.undo()
+    _assert_same(*_greedy_pair(model, tok, backend, _prompts(tok), max_new_tokens=4))  # the backend still works
