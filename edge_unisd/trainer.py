@@ -22,8 +22,9 @@ import torch
 
 from edge_unisd.atomic_io import atomic_path
 from edge_unisd.config import MethodConfig
-from edge_unisd.heap import pin_mmap_threshold
+from edge_unisd.heap import configure_heap, release_free_memory
 from edge_unisd.items import Item
+from edge_unisd.lora_fused import fuse_lora_layers
 from edge_unisd.losses import (
     clip_cap,
     contrastive_margin_loss,
@@ -124,7 +125,7 @@ class UniSDTrainer:
                              "rollout_backend=LlamaCppRollout(base_gguf, tokenizer) (adapters.llama_rollout), "
                              "built from the base GGUF this model was loaded from, or set rollout.backend to 'hf'")
         self.rollout_backend = rollout_backend
-        pin_mmap_threshold()  # freed activations go back to the OS (see edge_unisd.heap)
+        configure_heap()  # how freed activations go back to the OS (see edge_unisd.heap)
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.profile = profile
         self.device = next(model.parameters()).device
@@ -135,6 +136,7 @@ class UniSDTrainer:
         if cfg.gradient_checkpointing:
             causal_lm(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.ema = EmaAdapter(model, cfg.ema_decay, cfg.ema_every) if cfg.teacher == "ema" else None
+        fuse_lora_layers(model)  # one addmm per LoRA layer instead of matmul, scale and add (edge_unisd.lora_fused)
         params = list(lora_parameters(model, STUDENT_ADAPTER).values())
         self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         warmup = math.ceil(cfg.optim.warmup_ratio * self.total_steps) if cfg.optim.warmup_ratio > 0 else 0
@@ -198,6 +200,7 @@ class UniSDTrainer:
         with timer.run("ema"):
             if self.ema is not None:
                 self.ema.update(self.step_count)
+        release_free_memory()  # the step's activations are gone: hand their pages back between steps
         terms = {k: sums.get(k, 0.0) for k in ("kd", "contrastive", "feature", "sft")}
         report = StepReport(
             step=self.step_count, lr=lr, loss=sums.get("loss", 0.0), terms=terms,
