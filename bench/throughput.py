@@ -144,9 +144,9 @@ def load_model(spec: str, *, device: str | None = None, dtype: str | None = None
         return load_base(device=device, dtype=dtype)
     from transformers import AutoModelForCausalLM
 
-    from edge_unisd.heap import pin_mmap_threshold
+    from edge_unisd.heap import configure_heap
 
-    pin_mmap_threshold()  # as load_base does
+    configure_heap()  # as load_base does
     tok = bundled_tokenizer()
     config = random_model_config(spec, tok)
     dev, dt = pick_device_dtype(device, dtype)

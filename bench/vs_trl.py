@@ -10,8 +10,8 @@ completion tokens/s over the rounds, the highest peak RSS; then the ratios ours 
 
 The same work, on both sides:
 - model: `edge_unisd.modeling.load_base()` (the bundled SmolLM2-135M, fp32 on CPU), the objects passed to
-  SDFTTrainer; tokenizer likewise. Both children pin glibc's mmap threshold (load_base does), so memory
-  compares the trainers, not the allocator setting;
+  SDFTTrainer; tokenizer likewise. Both children get the same glibc heap policy (load_base sets it,
+  edge_unisd.heap), so memory compares the trainers, not the allocator setting;
 - prompts: the bundled sample user's items with a reference, in file order, unshuffled on both sides
   (step s trains items[s*B:(s+1)*B]);
 - teacher: the frozen base (adapter disabled) seeing the privileged context c_0 = the user's profile + the

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from edge_unisd.atomic_io import atomic_dir, ensure_private_dir, remove_stale_temps
-from edge_unisd.heap import pin_mmap_threshold
+from edge_unisd.heap import configure_heap
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def load_base(
     """Load base model + tokenizer for training: eval mode, no grads on base weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    pin_mmap_threshold()  # before any large tensor: keeps a training step's RSS near its live tensors
+    configure_heap()  # before any large tensor: fixes how freed activations go back to the OS (edge_unisd.heap)
     source = spec if isinstance(spec, BaseSource) else resolve_base(spec)
     folder = gguf_to_hf_folder(source, cache_dir) if source.kind == "gguf" else source.path
     dev, dt = pick_device_dtype(device, dtype)
