@@ -420,6 +420,40 @@ def test_the_llama_cpp_rollout_backend_needs_a_gguf_base(home, loader):
     assert not (home.checkpoints / jobs.PLAN_FILE).exists()
 
 
+def _loaded(kind: str, path: Path, device: str = "cpu"):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(source=SimpleNamespace(kind=kind, path=path), tokenizer=None, device=torch.device(device))
+
+
+def _method(backend: str):
+    from edge_unisd.config import load_method_config
+
+    return load_method_config("edge", {"rollout": {"backend": backend}})
+
+
+def test_auto_rollouts_use_llama_cpp_for_a_gguf_base_on_cpu_and_hf_otherwise(tmp_path, caplog):
+    from adapters.llama_rollout import LlamaCppRollout
+    from edge_unisd.modeling import bundled_model_path
+
+    assert _method("auto").rollout.backend == "auto" == jobs.MethodConfig().rollout.backend  # the default
+    backend = jobs._rollout_backend(_method("auto"), _loaded("gguf", bundled_model_path()))
+    try:
+        assert isinstance(backend, LlamaCppRollout)
+    finally:
+        backend.close()
+    assert jobs._rollout_backend(_method("auto"), _loaded("hf", tmp_path)) is None
+    assert jobs._rollout_backend(_method("auto"), _loaded("gguf", bundled_model_path(), "cuda")) is None
+    assert jobs._rollout_backend(_method("hf"), _loaded("gguf", bundled_model_path())) is None
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 64)
+    with caplog.at_level("WARNING", logger="daemon.jobs"):
+        assert jobs._rollout_backend(_method("auto"), _loaded("gguf", broken)) is None  # falls back to HF
+    assert "llama.cpp rollouts unavailable, using HF generate" in caplog.text and str(broken) in caplog.text
+    with pytest.raises(jobs.AdaptError, match="broken.gguf"):  # asked for explicitly: an error, not a fallback
+        jobs._rollout_backend(_method("llamacpp"), _loaded("gguf", broken))
+
+
 def test_a_multi_pass_plan_says_its_line_is_per_pass_and_gives_the_round_total():
     one = jobs._plan_summary("16 items; predicted 48.2s of 50.0s budget", 1, 48.2, 50.0, "measured")
     assert one == "16 items; predicted 48.2s of 50.0s budget (cost model: measured)"
