@@ -34,12 +34,26 @@ def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     m = β p_T + (1-β) p_S. As TRL's `generalized_jsd_loss`, jsd with β=0 is forward KL and β=1 is
     reverse KL (the limits of the *mixture*, not of the weighted sum).
     """
+    s_logp = log_softmax_at(student_logits, temperature)  # (B, T, V)
+    t_logp = log_softmax_at(teacher_logits.detach(), temperature)  # (B, T, V), a target only
+    return divergence_from_logps(s_logp, t_logp, kind, beta)
+
+
+def log_softmax_at(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / τ) in fp32; at τ = 1 without the copy a division would make. (..., V)"""
+    logits = logits.float()
+    return F.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+
+
+def divergence_from_logps(s_logp: torch.Tensor, t_logp: torch.Tensor, kind: str = "fkl",
+                          beta: float = 0.5) -> torch.Tensor:
+    """`token_divergence` from log-probabilities already computed (one log-softmax per side serves
+    the divergence, the sampled-token log-probs and the entropy). (B, T, V) x2 -> (B, T)"""
     if kind not in DIVERGENCE_KINDS:
         raise ValueError(f"unknown divergence kind {kind!r}; use one of {DIVERGENCE_KINDS}")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
-    s_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (B, T, V)
-    t_logp = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)  # (B, T, V), a target only
+    t_logp = t_logp.detach()
     if kind == "fkl" or (kind == "jsd" and beta == 0.0):
         return _kl_from_logps(t_logp, s_logp)
     if kind == "rkl" or (kind == "jsd" and beta == 1.0):
@@ -138,13 +152,12 @@ def feature_matching_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Te
 
 def sampled_token_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log p(y_t) of the given tokens under softmax(logits / τ). (B,T,V), (B,T) -> (B,T)"""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+    return log_softmax_at(logits, temperature).gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
 
 
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Entropy of softmax(logits / τ) per position: the student's own uncertainty. (B,T,V) -> (B,T)"""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    logp = log_softmax_at(logits, temperature)
     return -(logp.exp() * logp).sum(-1)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from edge_unisd.losses import sampled_token_logps, token_divergence, token_entropy
+from edge_unisd.losses import divergence_from_logps, log_softmax_at, sampled_token_logps, token_divergence
 from edge_unisd.rollout import Rollout, left_pad
 
 
@@ -70,15 +70,24 @@ class DistillTerms:
 
 def _chunk_terms(s_h: torch.Tensor, t_h: torch.Tensor, tokens: torch.Tensor, head: torch.nn.Module,
                  kind: str, beta: float, temperature: float) -> tuple[torch.Tensor, ...]:
+    """One chunk's terms from one log-softmax per side (plus one per side at τ != 1 for the divergence):
+    over the full vocabulary these passes, not the head matmul, are what the chunk costs."""
     s_logits = head(s_h)  # (B, c, V)
     with torch.no_grad():
         t_logits = head(t_h)  # (B, c, V)
-    div = token_divergence(s_logits, t_logits, kind=kind, beta=beta, temperature=temperature)
-    s_logp = sampled_token_logps(s_logits, tokens)
+        t_logp = log_softmax_at(t_logits)
+    s_logp = log_softmax_at(s_logits)
+    if temperature == 1.0:
+        div = divergence_from_logps(s_logp, t_logp, kind=kind, beta=beta)
+    else:
+        div = token_divergence(s_logits, t_logits, kind=kind, beta=beta, temperature=temperature)
+    index = tokens.long().unsqueeze(-1)
+    s_tok = s_logp.gather(-1, index).squeeze(-1)
     with torch.no_grad():
-        t_logp = sampled_token_logps(t_logits, tokens)
-        ent = token_entropy(s_logits.detach())
-    return div, s_logp, t_logp, ent
+        t_tok = t_logp.gather(-1, index).squeeze(-1)
+        s_detached = s_logp.detach()
+        ent = -(s_detached.exp() * s_detached).sum(-1)
+    return div, s_tok, t_tok, ent
 
 
 def _positions_per_chunk(batch: int, chunk_tokens: int) -> int:

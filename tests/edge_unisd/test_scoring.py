@@ -24,16 +24,17 @@ def _head_and_hidden(B=3, L=7, H=16, V=50, seed=0):
 
 @pytest.mark.parametrize("kind", ["fkl", "rkl", "jsd"])
 @pytest.mark.parametrize("chunk_tokens", [1, 4, 9, 1000])
-def test_chunked_terms_match_unchunked_values_and_grads(kind, chunk_tokens):
+@pytest.mark.parametrize("temperature", [0.7, 1.0])  # at τ = 1 one log-softmax per side serves every term
+def test_chunked_terms_match_unchunked_values_and_grads(kind, chunk_tokens, temperature):
     head, s_h, t_h, tokens = _head_and_hidden()
-    terms = chunked_distill_terms(s_h, t_h, head, tokens, kind=kind, beta=0.3, temperature=0.7,
+    terms = chunked_distill_terms(s_h, t_h, head, tokens, kind=kind, beta=0.3, temperature=temperature,
                                   chunk_tokens=chunk_tokens)
     (terms.divergence.sum() + terms.student_logps.sum()).backward()
     grad_chunked = s_h.grad.clone()
     s_h.grad = None
 
     s_logits, t_logits = head(s_h), head(t_h).detach()  # full (B, L, V): the thing chunking avoids
-    div = token_divergence(s_logits, t_logits, kind=kind, beta=0.3, temperature=0.7)
+    div = token_divergence(s_logits, t_logits, kind=kind, beta=0.3, temperature=temperature)
     s_logp = sampled_token_logps(s_logits, tokens)
     (div.sum() + s_logp.sum()).backward()
 
