@@ -485,6 +485,12 @@ def _resumable(home: Home, store: Store) -> PendingRound | None:
 
 # --- the round -----------------------------------------------------------------------------------
 
+def with_settings_defaults(settings: DaemonSettings, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """MethodConfig overrides with the settings file's method keys filled in; the caller's own win."""
+    rollout = {"backend": settings.rollout_backend, **overrides.get("rollout", {})}
+    return {**overrides, "rollout": rollout}
+
+
 def adapt_once(home: Home, *, max_seconds: float | None = None, max_items: int | None = None,
                preset: str | None = None, force: bool = False, should_stop: Callable[[], bool] | None = None,
                progress: Progress | None = None, model_loader: ModelLoader | None = None,
@@ -503,7 +509,8 @@ def adapt_once(home: Home, *, max_seconds: float | None = None, max_items: int |
     home = home.require()
     settings = load_settings(home.settings)
     budget_cfg = _budget_config(settings, home.settings)
-    _method_config(preset or settings.preset, overrides or {})  # a bad preset fails before any work
+    overrides = with_settings_defaults(settings, overrides or {})
+    _method_config(preset or settings.preset, overrides)  # a bad preset fails before any work
     sensors = sensors or read_sensors
     loader = model_loader or default_model_loader
     with Store.open(home) as store, _round_lock(home):
@@ -532,7 +539,7 @@ def adapt_once(home: Home, *, max_seconds: float | None = None, max_items: int |
             _emit(progress, "loading the base model...")
             loaded = loader(settings.base_model)
             pending, why = _start_round(home, store, preset=preset or settings.preset,
-                                        overrides=dict(overrides or {}), budget=budget, epochs=epochs,
+                                        overrides=overrides, budget=budget, epochs=epochs,
                                         max_items=max_items, force=force, fingerprint=_fingerprint_fn(loaded),
                                         decision=decision, cost_model=cost_model)
             if pending is None:

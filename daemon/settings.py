@@ -55,6 +55,9 @@ class DaemonSettings(BaseModel):
                                       description="serve: bearer key every request must carry (>= 16 chars)")
     # f16 by default: verified against the merged torch model at top-1 >= 0.98, KL <= 0.01. q8_0 misses its
     # 0.95 top-1 bar on the bundled 135M model (near-ties) and would have every export refused.
+    rollout_backend: Literal["auto", "hf", "llamacpp"] = Field(
+        "auto", description="who samples the on-policy answers: auto (llama.cpp for a GGUF base on CPU, "
+        "else transformers), hf (transformers generate) or llamacpp (insist)")
     export_quant: Literal["f16", "bf16", "f32", "q8_0", "q4_k_m"] = Field(
         "f16", description="GGUF export quantisation (f16, bf16, f32, q8_0, q4_k_m)")
     log_level: Literal["debug", "info", "warning", "error"] = Field(

@@ -93,3 +93,16 @@ def test_budget_table_passes_through(tmp_path):
     body = default_settings_text().replace("[budget]", '[budget]\nmax_watts = 15\nwindows = ["22-06"]')
     p = write(tmp_path, body)
     assert load_settings(p).budget == {"max_watts": 15, "windows": ["22-06"]}
+
+
+def test_rollout_backend_setting_reaches_the_method_config_and_a_caller_override_wins(tmp_path, monkeypatch):
+    from daemon.jobs import _method_config, with_settings_defaults
+
+    s = load_settings(write(tmp_path, 'rollout_backend = "hf"\n'))
+    assert _method_config("edge", with_settings_defaults(s, {})).rollout.backend == "hf"
+    mine = {"rollout": {"backend": "llamacpp", "max_new_tokens": 8}, "seed": 3}
+    assert with_settings_defaults(s, mine) == mine  # the caller's own keys win, nothing dropped
+    assert with_settings_defaults(DaemonSettings(), {})["rollout"]["backend"] == "auto"
+    monkeypatch.setenv("EDGE_UNISD_ROLLOUT_BACKEND", "vllm")
+    with pytest.raises(SettingsError, match="EDGE_UNISD_ROLLOUT_BACKEND: key 'rollout_backend'"):
+        load_settings(write(tmp_path, ""))
