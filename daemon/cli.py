@@ -677,11 +677,22 @@ def build_parser() -> argparse.ArgumentParser:
 QUIET_WARNINGS = (r".*`is_gradient_checkpointing` is deprecated.*",)
 
 
+def _check_heap_policy() -> None:
+    """A typo in EDGE_UNISD_HEAP is a usage error up front, not a traceback when the model loads."""
+    from edge_unisd.heap import heap_policy
+
+    try:
+        heap_policy()
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     for message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=FutureWarning)
     args = build_parser().parse_args(argv)
     try:
+        _check_heap_policy()
         return args.func(args)
     except USER_ERRORS as e:
         print(f"edge-unisd: error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -279,3 +279,10 @@ def test_console_script_exit_codes(home, tmp_path):
     code = "import os, daemon.cli; print(os.environ['HF_HUB_OFFLINE'])"
     probe = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert probe.stdout.strip() == "1"
+
+
+def test_a_bad_heap_policy_is_a_usage_error_naming_the_variable(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("EDGE_UNISD_HEAP", "huge")
+    rc, out, err = run(capsys, "status", "--home", str(tmp_path / "h"))
+    assert rc == 2 and out == ""
+    assert "EDGE_UNISD_HEAP='huge'" in err and "'fast'" in err and "Traceback" not in err
