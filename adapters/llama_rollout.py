@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from edge_unisd.rollout import Rollout, completion_mask_from_ids, eos_token_ids
+from edge_unisd.scoring import common_prefix_length
 
 if TYPE_CHECKING:
     from adapters.gguf_export import ModelShape
@@ -281,8 +282,8 @@ class LlamaCppRollout:
                                       f"tokens, code {rc}: {why}; context of {self._ctx_rows} sequences and "
                                       f"{self._ctx_cells} KV cells")
 
-    def _complete_all(self, prompts: Sequence[Sequence[int]], *, early, late, eos: set[int], max_new_tokens: int,
-                      min_new_tokens: int) -> list[list[int]]:
+    def _complete_all(self, prompts: Sequence[Sequence[int]], shared: int, *, early, late, eos: set[int],
+                      max_new_tokens: int, min_new_tokens: int) -> list[list[int]]:
         """Every row together: one llama_decode for all prompts, then one per step with a token per active row.
 
         Rows sample in row order at every step from one chain (seeded: same seed, same samples); a row
@@ -291,7 +292,7 @@ class LlamaCppRollout:
         ll, ctx = self._ll, self._held["ctx"]
         batch = ll.llama_batch_init(max(sum(len(p) for p in prompts), len(prompts)), 0, 1)
         try:
-            shared = self._prefill_shared_prefix(batch, prompts)
+            self._prefill_shared_prefix(batch, prompts, shared)
             active = list(range(len(prompts)))
             at = _fill(batch, [(r, prompts[r][shared:], shared) for r in active])
             self._decode(batch, "prefill")
@@ -309,21 +310,17 @@ class LlamaCppRollout:
             ll.llama_batch_free(batch)
         return rows
 
-    def _prefill_shared_prefix(self, batch, prompts: Sequence[Sequence[int]]) -> int:
-        """Clear the KV cache, decode the prompts' common prefix (the chat template's) once, share it with every row.
-
-        Returns its length (`_shared_length`).
-        """
+    def _prefill_shared_prefix(self, batch, prompts: Sequence[Sequence[int]], shared: int) -> None:
+        """Clear the KV cache, decode the prompts' first `shared` tokens (`_shared_length`: the chat
+        template's) once, and share them with every row."""
         ll, ctx = self._ll, self._held["ctx"]
         mem = ll.llama_get_memory(ctx)
         ll.llama_memory_clear(mem, True)  # never reuse KV computed under other weights
-        shared = _shared_length(prompts)
         if shared > 0:
             _fill(batch, [(0, prompts[0][:shared], 0)], outputs=False)
             self._decode(batch, "shared prefix")
             for r in range(1, len(prompts)):
                 ll.llama_memory_seq_cp(mem, 0, r, -1, -1)  # unified KV: the cells are shared, not copied
-        return shared
 
     def _check_prompts(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
         if not prompts:
@@ -362,8 +359,8 @@ class LlamaCppRollout:
         early = self._sampler(temperature=temperature, top_p=top_p, seed=seed, banned=eos)
         late = self._sampler(temperature=temperature, top_p=top_p, seed=seed + _SECOND_STREAM, banned=())
         try:
-            rows = self._complete_all(prompts, early=early, late=late, eos=set(eos), max_new_tokens=max_new_tokens,
-                                      min_new_tokens=min(min_new_tokens, max_new_tokens))
+            rows = self._complete_all(prompts, shared, early=early, late=late, eos=set(eos),
+                                      max_new_tokens=max_new_tokens, min_new_tokens=min(min_new_tokens, max_new_tokens))
         finally:
             self._ll.llama_sampler_free(early)
             self._ll.llama_sampler_free(late)
@@ -401,11 +398,7 @@ def _shared_length(prompts: Sequence[Sequence[int]]) -> int:
     """Leading tokens every prompt shares, short of each one's last token (whose logits its row needs)."""
     if len(prompts) < 2:
         return 0
-    n = min(len(p) for p in prompts) - 1
-    for i in range(n):
-        if any(p[i] != prompts[0][i] for p in prompts):
-            return i
-    return n
+    return min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1)
 
 
 def _release(ll: ModuleType, llm, held: dict) -> None:
