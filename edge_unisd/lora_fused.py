@@ -41,9 +41,9 @@ def fused_lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if x.dtype != a_weight.dtype:
         return peft_forward(layer, x, *args, **kwargs)
     result = layer.base_layer(x)
-    if result.dtype != b_weight.dtype:
-        return peft_forward(layer, x, *args, **kwargs)
     xa = torch.nn.functional.linear(layer.lora_dropout[name](x), a_weight)
+    if result.dtype != b_weight.dtype:  # e.g. under autocast: PEFT's own sum, on the base output already made
+        return (result + torch.nn.functional.linear(xa, b_weight) * layer.scaling[name]).to(result.dtype)
     out_2d = torch.addmm(result.reshape(-1, result.shape[-1]), xa.reshape(-1, xa.shape[-1]),
                          (b_weight * layer.scaling[name]).t())
     return out_2d.view(result.shape)

@@ -90,3 +90,13 @@ def test_is_idempotent_and_leaves_other_modules_alone():
     patched = [m for m in model.modules() if getattr(m.forward, "__func__", None) is fused_lora_forward]
     assert len(patched) == 14
     assert all(type(m).__name__ == "Linear" and hasattr(m, "lora_A") for m in patched)
+
+
+def test_under_autocast_the_base_output_dtype_is_kept_as_peft_keeps_it():
+    reference = _peft_model()
+    fused = copy.deepcopy(reference)
+    fuse_lora_layers(fused)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_logits, logits = reference(input_ids=IDS).logits, fused(input_ids=IDS).logits
+    assert logits.dtype == ref_logits.dtype
+    torch.testing.assert_close(logits.float(), ref_logits.float(), rtol=2e-2, atol=2e-2)
