@@ -152,12 +152,21 @@ def feature_matching_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Te
 
 def sampled_token_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log p(y_t) of the given tokens under softmax(logits / τ). (B,T,V), (B,T) -> (B,T)"""
-    return log_softmax_at(logits, temperature).gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+    return pick_token_logps(log_softmax_at(logits, temperature), tokens)
+
+
+def pick_token_logps(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(y_t) read from full log-probabilities. (B,T,V), (B,T) -> (B,T)"""
+    return logp.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
 
 
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Entropy of softmax(logits / τ) per position: the student's own uncertainty. (B,T,V) -> (B,T)"""
-    logp = log_softmax_at(logits, temperature)
+    return entropy_from_logps(log_softmax_at(logits, temperature))
+
+
+def entropy_from_logps(logp: torch.Tensor) -> torch.Tensor:
+    """Entropy per position from full log-probabilities. (..., V) -> (...)"""
     return -(logp.exp() * logp).sum(-1)
 
 

@@ -16,7 +16,14 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from edge_unisd.losses import divergence_from_logps, log_softmax_at, sampled_token_logps, token_divergence
+from edge_unisd.losses import (
+    divergence_from_logps,
+    entropy_from_logps,
+    log_softmax_at,
+    pick_token_logps,
+    sampled_token_logps,
+    token_divergence,
+)
 from edge_unisd.rollout import Rollout, left_pad
 
 
@@ -81,13 +88,10 @@ def _chunk_terms(s_h: torch.Tensor, t_h: torch.Tensor, tokens: torch.Tensor, hea
         div = divergence_from_logps(s_logp, t_logp, kind=kind, beta=beta)
     else:
         div = token_divergence(s_logits, t_logits, kind=kind, beta=beta, temperature=temperature)
-    index = tokens.long().unsqueeze(-1)
-    s_tok = s_logp.gather(-1, index).squeeze(-1)
     with torch.no_grad():
-        t_tok = t_logp.gather(-1, index).squeeze(-1)
-        s_detached = s_logp.detach()
-        ent = -(s_detached.exp() * s_detached).sum(-1)
-    return div, s_tok, t_tok, ent
+        t_tok = pick_token_logps(t_logp, tokens)
+        ent = entropy_from_logps(s_logp.detach())
+    return div, pick_token_logps(s_logp, tokens), t_tok, ent
 
 
 def _positions_per_chunk(batch: int, chunk_tokens: int) -> int:
