@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import sys
@@ -31,7 +32,9 @@ THRESHOLD_BYTES = {"fast": 4 << 20, "lean": 64 << 10}
 _policy: str | None = None
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
+    """glibc, looked up once (find_library runs ldconfig): release_free_memory runs after every step."""
     if not sys.platform.startswith("linux"):
         return None
     try:
