@@ -741,7 +741,7 @@ def _rollout_backend(cfg: MethodConfig, loaded: Any) -> Any:
         return None
     if loaded.source.kind != "gguf":
         raise AdaptError(f"rollout.backend llamacpp samples from the base GGUF, but the base is an HF folder "
-                         f"({loaded.source.path}); use rollout.backend hf")
+                         f"({loaded.source.path}); set rollout_backend = \"hf\" (or \"auto\") in settings.toml")
     from adapters.llama_rollout import LlamaCppRollout, RolloutBackendError
 
     try:

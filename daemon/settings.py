@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edge_unisd.atomic_io import atomic_write_text
+from edge_unisd.config import RolloutBackendName
 
 ENV_PREFIX = "EDGE_UNISD_"
 
@@ -53,11 +54,11 @@ class DaemonSettings(BaseModel):
     serve_port: int = Field(8765, ge=1, le=65_535, description="serve: TCP port")
     serve_api_key: str | None = Field(None, min_length=16, max_length=256,
                                       description="serve: bearer key every request must carry (>= 16 chars)")
-    # f16 by default: verified against the merged torch model at top-1 >= 0.98, KL <= 0.01. q8_0 misses its
-    # 0.95 top-1 bar on the bundled 135M model (near-ties) and would have every export refused.
-    rollout_backend: Literal["auto", "hf", "llamacpp"] = Field(
+    rollout_backend: RolloutBackendName = Field(
         "auto", description="who samples the on-policy answers: auto (llama.cpp for a GGUF base on CPU, "
         "else transformers), hf (transformers generate) or llamacpp (insist)")
+    # f16 by default: verified against the merged torch model at top-1 >= 0.98, KL <= 0.01. q8_0 misses its
+    # 0.95 top-1 bar on the bundled 135M model (near-ties) and would have every export refused.
     export_quant: Literal["f16", "bf16", "f32", "q8_0", "q4_k_m"] = Field(
         "f16", description="GGUF export quantisation (f16, bf16, f32, q8_0, q4_k_m)")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
