@@ -249,7 +249,8 @@ with ServiceRunner(stop_timeout_s=0.5, kill_grace_s=0.2, exit_grace_s=0.3) as ru
     runner.on_stop(lambda: print("on_stop called", flush=True))
     runner.ready("up")
     if mode == "cooperative":
-        print("stopped by", runner.run_until_stopped(tick_s=0.05), flush=True)
+        # one string: on_stop's thread prints at the same moment, and must not land between print's arguments
+        print(f"stopped by {runner.run_until_stopped(tick_s=0.05)}", flush=True)
     elif mode == "stuck-child":  # never looks at the stop event: the runner must end the child
         outcome = run_in_child(ignore_sigterm_forever, marker, grace_seconds=100)
         print("child exit", outcome.exitcode, flush=True)
