@@ -2,8 +2,9 @@
 
 The decoder runs once per view and returns hidden states (B, T, H): small. Logits (B, T, V) are
 never built whole, for student or teacher: the LM head, softmax, divergence and sampled-token
-log-probs run over chunks of `chunk_tokens` rows, and in training each chunk is recomputed in the
-backward pass (activation checkpointing) instead of being kept. With V=49152 a full fp32 logits
+log-probs run over chunks of `chunk_tokens` rows. In training a chunk keeps only its gradient
+w.r.t. the hidden states, taken in the forward pass (edge_unisd.vocab_grad), or, when the head is
+trained, is recomputed in the backward pass (activation checkpointing) instead of being kept. With V=49152 a full fp32 logits
 tensor for 8 x 356 positions is 560 MB, and the naive loss keeps several of them.
 """
 
@@ -25,6 +26,7 @@ from edge_unisd.losses import (
     token_divergence,
 )
 from edge_unisd.rollout import Rollout, left_pad
+from edge_unisd.vocab_grad import frozen_linear_head, fused_distill_chunk, fused_token_logps_chunk
 
 
 def causal_lm(model) -> torch.nn.Module:
@@ -100,11 +102,27 @@ def _positions_per_chunk(batch: int, chunk_tokens: int) -> int:
 
 def chunked_distill_terms(student_h: torch.Tensor, teacher_h: torch.Tensor, head: torch.nn.Module,
                           tokens: torch.Tensor, *, kind: str = "fkl", beta: float = 0.5,
-                          temperature: float = 1.0, chunk_tokens: int = 256) -> DistillTerms:
-    """Per-token divergence and sampled-token log-probs, chunk by chunk over positions. (B,L,H) x2 -> (B,L)"""
-    B, L, _ = student_h.shape
-    step = _positions_per_chunk(B, chunk_tokens)
+                          temperature: float = 1.0, chunk_tokens: int = 256, logps_grad: bool = True
+                          ) -> DistillTerms:
+    """Per-token divergence and sampled-token log-probs, chunk by chunk over positions. (B,L,H) x2 -> (B,L)
+
+    In training with a frozen linear head each chunk's gradient is taken in the forward pass
+    (edge_unisd.vocab_grad); `logps_grad=False` says nothing will differentiate `student_logps`,
+    which saves a pass. Otherwise each chunk is checkpointed and recomputed in backward.
+    """
+    B, L, H = student_h.shape
     train = torch.is_grad_enabled() and student_h.requires_grad
+    if train and frozen_linear_head(head):
+        # flattened rows: contiguous chunks keep the head on one plain matmul
+        s_N_H, t_N_H = student_h.reshape(B * L, H), teacher_h.detach().reshape(B * L, H)
+        tokens_N = tokens.reshape(B * L)
+        parts = [fused_distill_chunk(s_N_H[i:i + chunk_tokens], t_N_H[i:i + chunk_tokens],
+                                     tokens_N[i:i + chunk_tokens], head, kind=kind, beta=beta,
+                                     temperature=temperature, logps_grad=logps_grad)
+                 for i in range(0, B * L, chunk_tokens)]
+        div, s_logp, t_logp, ent = (torch.cat([p[i] for p in parts]).view(B, L) for i in range(4))
+        return DistillTerms(div, s_logp, t_logp, ent)
+    step = _positions_per_chunk(B, chunk_tokens)
     parts = []
     for start in range(0, L, step):
         args = (student_h[:, start:start + step], teacher_h[:, start:start + step].detach(),
@@ -121,9 +139,14 @@ def _chunk_logps(h: torch.Tensor, tokens: torch.Tensor, head: torch.nn.Module, t
 def chunked_token_logps(hidden: torch.Tensor, head: torch.nn.Module, tokens: torch.Tensor, *,
                         temperature: float = 1.0, chunk_tokens: int = 256) -> torch.Tensor:
     """log p(y_t) from hidden states, chunked (differentiable when `hidden` is). (B,L,H),(B,L) -> (B,L)"""
-    B, L, _ = hidden.shape
-    step = _positions_per_chunk(B, chunk_tokens)
+    B, L, H = hidden.shape
     train = torch.is_grad_enabled() and hidden.requires_grad
+    if train and frozen_linear_head(head):
+        h_N_H, tokens_N = hidden.reshape(B * L, H), tokens.reshape(B * L)
+        parts = [fused_token_logps_chunk(h_N_H[i:i + chunk_tokens], tokens_N[i:i + chunk_tokens], head, temperature)
+                 for i in range(0, B * L, chunk_tokens)]
+        return torch.cat(parts).view(B, L)
+    step = _positions_per_chunk(B, chunk_tokens)
     parts = []
     for start in range(0, L, step):
         args = (hidden[:, start:start + step], tokens[:, start:start + step], head, temperature)

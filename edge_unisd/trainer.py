@@ -256,7 +256,7 @@ class UniSDTrainer:
             student_h_B_L_H = completion_hidden(model, student_prompts, rollout, self.pad_id)
             terms = chunked_distill_terms(student_h_B_L_H, teacher_h_B_L_H, lm_head_of(model), tokens_B_L,
                                           kind=cfg.divergence, beta=cfg.jsd_beta, temperature=cfg.temperature,
-                                          chunk_tokens=cfg.chunk_tokens)
+                                          chunk_tokens=cfg.chunk_tokens, logps_grad=neg_logps is not None)
             div_B_L = terms.divergence
             clip_fraction = 0.0
             if cfg.clip:

@@ -9,13 +9,18 @@ from torch.testing import assert_close
 from edge_unisd.losses import sampled_token_logps, token_divergence, token_entropy
 from edge_unisd.rollout import Rollout
 from edge_unisd.scoring import chunked_distill_terms, chunked_token_logps, completion_hidden, view_token_logps
+from edge_unisd.vocab_grad import frozen_linear_head
 
 
-def _head_and_hidden(B=3, L=7, H=16, V=50, seed=0):
+def _head_and_hidden(B=3, L=7, H=16, V=50, seed=0, frozen=True, bias=False):
+    """A frozen head takes the forward-gradient path (edge_unisd.vocab_grad); a trained one is checkpointed."""
     g = torch.Generator().manual_seed(seed)
-    head = torch.nn.Linear(H, V, bias=False)
+    head = torch.nn.Linear(H, V, bias=bias)
     with torch.no_grad():
         head.weight.copy_(torch.randn(V, H, generator=g))
+        if bias:
+            head.bias.copy_(torch.randn(V, generator=g))
+    head.requires_grad_(not frozen)
     s_h = torch.randn(B, L, H, generator=g).requires_grad_(True)
     t_h = torch.randn(B, L, H, generator=g)
     tokens = torch.randint(0, V, (B, L), generator=g)
@@ -25,8 +30,9 @@ def _head_and_hidden(B=3, L=7, H=16, V=50, seed=0):
 @pytest.mark.parametrize("kind", ["fkl", "rkl", "jsd"])
 @pytest.mark.parametrize("chunk_tokens", [1, 4, 9, 1000])
 @pytest.mark.parametrize("temperature", [0.7, 1.0])  # at τ = 1 one log-softmax per side serves every term
-def test_chunked_terms_match_unchunked_values_and_grads(kind, chunk_tokens, temperature):
-    head, s_h, t_h, tokens = _head_and_hidden()
+@pytest.mark.parametrize("frozen", [True, False])
+def test_chunked_terms_match_unchunked_values_and_grads(kind, chunk_tokens, temperature, frozen):
+    head, s_h, t_h, tokens = _head_and_hidden(frozen=frozen, bias=not frozen or chunk_tokens == 4)
     terms = chunked_distill_terms(s_h, t_h, head, tokens, kind=kind, beta=0.3, temperature=temperature,
                                   chunk_tokens=chunk_tokens)
     (terms.divergence.sum() + terms.student_logps.sum()).backward()
@@ -46,6 +52,54 @@ def test_chunked_terms_match_unchunked_values_and_grads(kind, chunk_tokens, temp
     assert not terms.teacher_logps.requires_grad and not terms.student_entropy.requires_grad
 
 
+@pytest.mark.parametrize("kind", ["fkl", "jsd"])  # closed form and autograd-on-the-chunk
+def test_forward_gradient_is_scaled_by_what_the_loss_does_downstream(kind):
+    """Clipping, reliability weights and means act on the per-token values after the chunk: the saved
+    d value / d h must be scaled by each token's incoming gradient, whatever it is."""
+    head, s_h, t_h, tokens = _head_and_hidden(B=2, L=9, seed=5)
+    g = torch.Generator().manual_seed(6)
+    w_div, w_logp = torch.rand(2, 9, generator=g), torch.randn(2, 9, generator=g)
+    terms = chunked_distill_terms(s_h, t_h, head, tokens, kind=kind, beta=0.4, chunk_tokens=4)
+    cap = terms.divergence.detach().median()
+    ((terms.divergence.clamp(max=cap) * w_div).sum() + (terms.student_logps * w_logp).sum()).backward()
+    got = s_h.grad.clone()
+    s_h.grad = None
+    s_logits, t_logits = head(s_h), head(t_h)
+    div = token_divergence(s_logits, t_logits, kind=kind, beta=0.4)
+    ((div.clamp(max=cap) * w_div).sum() + (sampled_token_logps(s_logits, tokens) * w_logp).sum()).backward()
+    assert_close(got, s_h.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["fkl", "rkl"])
+def test_without_logps_grad_the_divergence_gradient_is_unchanged(kind):
+    head, s_h, t_h, tokens = _head_and_hidden(seed=7)
+    full = chunked_distill_terms(s_h, t_h, head, tokens, kind=kind, chunk_tokens=5)
+    full.divergence.sum().backward()
+    want = s_h.grad.clone()
+    s_h.grad = None
+    lean = chunked_distill_terms(s_h, t_h, head, tokens, kind=kind, chunk_tokens=5, logps_grad=False)
+    lean.divergence.sum().backward()
+    assert_close(s_h.grad, want)
+    assert_close(lean.student_logps, full.student_logps.detach())
+    assert not lean.student_logps.requires_grad
+
+
+def test_frozen_linear_head_takes_the_forward_gradient_path(monkeypatch):
+    """The fast path must really be taken for the usual head (the value tests pass either way)."""
+    import edge_unisd.scoring as scoring
+
+    def no_checkpoint(*args, **kwargs):
+        raise AssertionError("a frozen linear head must not be checkpointed")
+
+    monkeypatch.setattr(scoring, "checkpoint", no_checkpoint)
+    head, s_h, t_h, tokens = _head_and_hidden(seed=8)
+    chunked_distill_terms(s_h, t_h, head, tokens, chunk_tokens=4).divergence.sum().backward()
+    chunked_token_logps(s_h, head, tokens, chunk_tokens=4).sum().backward()
+    assert s_h.grad is not None
+    assert not frozen_linear_head(torch.nn.Linear(4, 5))  # trained weights: checkpointed path
+    assert not frozen_linear_head(torch.nn.Embedding(5, 4))
+
+
 def test_teacher_hidden_gets_no_gradient():
     head, s_h, t_h, tokens = _head_and_hidden()
     t_h.requires_grad_(True)
@@ -53,13 +107,15 @@ def test_teacher_hidden_gets_no_gradient():
     assert t_h.grad is None and s_h.grad is not None
 
 
-def test_chunked_token_logps_match_and_differentiate():
-    head, s_h, _, tokens = _head_and_hidden(seed=3)
-    got = chunked_token_logps(s_h, head, tokens, chunk_tokens=5)
+@pytest.mark.parametrize("frozen", [True, False])
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_chunked_token_logps_match_and_differentiate(frozen, temperature):
+    head, s_h, _, tokens = _head_and_hidden(seed=3, frozen=frozen)
+    got = chunked_token_logps(s_h, head, tokens, temperature=temperature, chunk_tokens=5)
     got.sum().backward()
     g = s_h.grad.clone()
     s_h.grad = None
-    want = sampled_token_logps(head(s_h), tokens)
+    want = sampled_token_logps(head(s_h), tokens, temperature)
     want.sum().backward()
     assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert_close(g, s_h.grad, atol=1e-5, rtol=1e-5)
