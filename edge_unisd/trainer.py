@@ -21,6 +21,7 @@ from typing import Protocol
 import torch
 
 from edge_unisd.atomic_io import atomic_path
+from edge_unisd.attention import use_gqa_attention
 from edge_unisd.config import MethodConfig
 from edge_unisd.heap import configure_heap, release_free_memory
 from edge_unisd.items import Item
@@ -137,6 +138,7 @@ class UniSDTrainer:
             causal_lm(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.ema = EmaAdapter(model, cfg.ema_decay, cfg.ema_every) if cfg.teacher == "ema" else None
         fuse_lora_layers(model)  # one addmm per LoRA layer instead of matmul, scale and add (edge_unisd.lora_fused)
+        use_gqa_attention(model)  # CPU attention on the grouped KV heads, no per-head K/V copies (edge_unisd.attention)
         params = list(lora_parameters(model, STUDENT_ADAPTER).values())
         self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         warmup = math.ceil(cfg.optim.warmup_ratio * self.total_steps) if cfg.optim.warmup_ratio > 0 else 0
