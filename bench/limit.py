@@ -38,7 +38,7 @@ SMOLLM2_135M = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layer
                 "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152, "model_type": "llama"}
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 49152, "model_type": "llama"}
-LM_HEAD_ROWS = 256  # rows per vocabulary chunk in edge_unisd.scoring (MethodConfig.chunk_tokens default)
+LM_HEAD_ROWS = 128  # rows per vocabulary chunk in edge_unisd.scoring (MethodConfig.chunk_tokens default)
 
 
 # --- the machine ---------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def _adapter_off(model):
 
 @torch.no_grad()
 def reference_nll(model, tokenizer, items: Sequence[Item], *, batch_size: int = 8,
-                  chunk_tokens: int = 256) -> dict[str, float]:
+                  chunk_tokens: int = 128) -> dict[str, float]:
     """Mean NLL per token of each item's reference answer given the bare prompt (no context). Lower is better."""
     scored = [it for it in items if it.reference]
     if not scored:
@@ -55,7 +55,7 @@ def reference_nll(model, tokenizer, items: Sequence[Item], *, batch_size: int = 
 
 @torch.no_grad()
 def retention(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 32, batch_size: int = 8,
-              chunk_tokens: int = 256) -> dict[str, float]:
+              chunk_tokens: int = 128) -> dict[str, float]:
     """Per-token JSD(β=½) base vs adapted on the adapted model's greedy answers to general prompts
     (in [0, log 2]; 0 = unchanged), and the mean log p_base(y_adapted | x) per token."""
     if not prompts:
@@ -90,7 +90,7 @@ def sample_completions(model, tokenizer, items: Sequence[Item], *, max_new_token
 
 @torch.no_grad()
 def distillation_gap(model, tokenizer, items: Sequence[Item], rollout: Rollout, *, profile: str | None = None,
-                     teacher: str = "base", chunk_tokens: int = 256) -> float:
+                     teacher: str = "base", chunk_tokens: int = 128) -> float:
     """Mean per-token KL(p_teacher(·|c_0, x, y<t) || p_student(·|x, y<t)) on fixed completions.
 
     This is what self-distillation minimises: how far the student without context still is from

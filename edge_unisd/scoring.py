@@ -4,8 +4,9 @@ The decoder runs once per view and returns hidden states (B, T, H): small. Logit
 never built whole, for student or teacher: the LM head, softmax, divergence and sampled-token
 log-probs run over chunks of `chunk_tokens` rows. In training a chunk keeps only its gradient
 w.r.t. the hidden states, taken in the forward pass (edge_unisd.vocab_grad), or, when the head is
-trained, is recomputed in the backward pass (activation checkpointing) instead of being kept. With V=49152 a full fp32 logits
-tensor for 8 x 356 positions is 560 MB, and the naive loss keeps several of them.
+trained, is recomputed in the backward pass (activation checkpointing) instead of being kept.
+With V=49152 a full fp32 logits tensor for 8 x 356 positions is 560 MB, and the naive loss keeps
+several of them.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def _positions_per_chunk(batch: int, chunk_tokens: int) -> int:
 
 def chunked_distill_terms(student_h: torch.Tensor, teacher_h: torch.Tensor, head: torch.nn.Module,
                           tokens: torch.Tensor, *, kind: str = "fkl", beta: float = 0.5,
-                          temperature: float = 1.0, chunk_tokens: int = 256, logps_grad: bool = True
+                          temperature: float = 1.0, chunk_tokens: int = 128, logps_grad: bool = True
                           ) -> DistillTerms:
     """Per-token divergence and sampled-token log-probs, chunk by chunk over positions. (B,L,H) x2 -> (B,L)
 
@@ -137,7 +138,7 @@ def _chunk_logps(h: torch.Tensor, tokens: torch.Tensor, head: torch.nn.Module, t
 
 
 def chunked_token_logps(hidden: torch.Tensor, head: torch.nn.Module, tokens: torch.Tensor, *,
-                        temperature: float = 1.0, chunk_tokens: int = 256) -> torch.Tensor:
+                        temperature: float = 1.0, chunk_tokens: int = 128) -> torch.Tensor:
     """log p(y_t) from hidden states, chunked (differentiable when `hidden` is). (B,L,H),(B,L) -> (B,L)"""
     B, L, H = hidden.shape
     train = torch.is_grad_enabled() and hidden.requires_grad
@@ -156,7 +157,7 @@ def chunked_token_logps(hidden: torch.Tensor, head: torch.nn.Module, tokens: tor
 
 @torch.no_grad()
 def view_token_logps(model, view_prompts_K: Sequence[Sequence[Sequence[int]]], rollout: Rollout, pad_id: int,
-                     chunk_tokens: int = 256, max_batch: int | None = None) -> torch.Tensor:
+                     chunk_tokens: int = 128, max_batch: int | None = None) -> torch.Tensor:
     """log p(y_t | c_k, x, y<t) for K views, all K batched into one forward, τ=1, no grad. -> (K, B, L)"""
     K, B = len(view_prompts_K), rollout.completion_ids.shape[0]
     flat_prompts = [p for view in view_prompts_K for p in view]
