@@ -287,6 +287,40 @@ def write_merged_from_gguf_base(base_gguf: Path, state: Mapping[str, Any], out: 
     return write_gguf(Path(out), shape.arch, add_metadata, planned)
 
 
+def is_unquantised(reader: gguf.GGUFReader) -> bool:
+    """True when every tensor of the file is stored as F32, F16 or BF16 (nothing to dequantise)."""
+    return all(QT(t.tensor_type) in (QT.F32, QT.F16, QT.BF16) for t in reader.tensors)
+
+
+def retype_gguf(src: Path, out: Path, quant: str) -> Path:
+    """`src` with every tensor dequantised and stored as `quant` (f32, f16, bf16, q8_0); metadata copied.
+
+    The rollout backend's copy of a quantised base: f16 of Q4_1 values keeps them to f16 rounding,
+    which llama.cpp then computes with without quantising activations (adapters/llama_rollout.py).
+    """
+    if quant not in PY_QUANTS:
+        raise ExportError(f"quant {quant!r} cannot be written in Python; use one of {', '.join(PY_QUANTS)}")
+    src = Path(src)
+    reader = gguf.GGUFReader(src)
+    arch = _field(reader, "general.architecture", str(src))
+    planned = []
+    for t in reader.tensors:
+        np_shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # GGUF ne order -> numpy order
+        qtype = tensor_type_for(t.name, np_shape, quant)
+
+        def produce(t=t, np_shape=np_shape, qtype=qtype) -> np.ndarray:
+            values = gguf.quants.dequantize(t.data, QT(t.tensor_type)).reshape(np_shape).astype(np.float32)
+            return encode_tensor(values, qtype)
+
+        planned.append(PlannedTensor(t.name, np_shape, qtype, produce))
+
+    def add_metadata(w: gguf.GGUFWriter) -> None:
+        _copy_metadata(reader, w, {gguf.Keys.General.FILE_TYPE: (int(file_type_name(quant)),
+                                                                 gguf.GGUFValueType.UINT32)})
+
+    return write_gguf(Path(out), arch, add_metadata, planned)
+
+
 # --- merged model from an HF folder -------------------------------------------------------------
 
 def _rope_settings(config: Mapping[str, Any], where: str) -> tuple[float, dict | None]:

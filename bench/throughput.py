@@ -11,8 +11,9 @@ user's items (each completion forced to exactly `--tokens` tokens: EOS is suppre
 reports the trainer's own stage clocks (rollout, teacher, views, student fwd+bwd, optimizer, EMA).
 `--view-fraction` routes that share of each batch to the K auxiliary views, as the daemon's planner does.
 `--rollout-backend llamacpp` samples the rollouts in llama.cpp from the base GGUF with the live LoRA swapped in
-each step (adapters/llama_rollout.py): the bundled Q4_1 file, or, for random weights, an f32 (--tiny) or
-f16 GGUF of them written to a temp dir first; "rollout_backend_totals" splits its adapter-swap seconds out.
+each step (adapters/llama_rollout.py): an f16 copy of the bundled Q4_1 file (`--rollout-weights`: f16, q8_0
+or the base file itself), or, for random weights, an f32 (--tiny) or f16 GGUF of them written to a temp dir
+first; "rollout_backend_totals" splits its adapter-swap seconds out.
 
 MFU: the student stage's model FLOPs (bench/limit.py conventions: LoRA training 4N + attention + LoRA
 terms over every prompt and completion position, LM head on the completion positions) divided by its
@@ -204,7 +205,7 @@ def method_overrides(*, batch: int, tokens: int, lora_rank: int, lr: float = 1e-
             "lora": {"rank": lora_rank, "alpha": 2.0 * lora_rank, "dropout": 0.0, "target_modules": "all-linear"}}
 
 
-def build_rollout_backend(kind: str, loaded, *, tiny: bool):
+def build_rollout_backend(kind: str, loaded, *, tiny: bool, weights: str = "f16"):
     """None for HF generate; else LlamaCppRollout on the base GGUF (random weights: exported to one first)."""
     if kind == "hf":
         return None
@@ -216,11 +217,12 @@ def build_rollout_backend(kind: str, loaded, *, tiny: bool):
 
     try:
         if loaded.source.kind == "gguf":
-            return LlamaCppRollout(loaded.source.path, loaded.tokenizer, n_threads=torch.get_num_threads())
+            return LlamaCppRollout(loaded.source.path, loaded.tokenizer, n_threads=torch.get_num_threads(),
+                                   weights=weights)
         # the base GGUF is mapped by llama.cpp, so its temp dir can go as soon as it is loaded
         with tempfile.TemporaryDirectory(prefix="bench-rollout-") as tmp:
             path = random_weights_gguf(loaded, Path(tmp), "f32" if tiny else "f16")
-            return LlamaCppRollout(path, loaded.tokenizer, n_threads=torch.get_num_threads())
+            return LlamaCppRollout(path, loaded.tokenizer, n_threads=torch.get_num_threads(), weights=weights)
     except RolloutBackendError as e:
         raise SystemExit(f"--rollout-backend llamacpp: {e}") from e
 
@@ -348,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: every CPU)")
     p.add_argument("--repeats", type=int, default=None, help="matmul timing repeats for the MFU ceiling")
     p.add_argument("--tiny", action="store_true", help="smoke run: tiny random llama, 1 step, 4 tokens")
+    p.add_argument("--rollout-weights", choices=("f16", "q8_0", "base"), default="f16",
+                   help="llamacpp: what llama.cpp samples from (adapters.llama_rollout.rollout_weights_file)")
     p.add_argument("--rollout-backend", choices=("hf", "llamacpp"), default="hf",
                    help="rollout engine: hf generate (default) or llama.cpp on the base GGUF with the live LoRA")
     return p
@@ -376,7 +380,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     per_step = 2 if args.compare_views else 1
     items, pool = bench_items(args.batch * (args.warmup + args.steps))
     batches = step_batches(items, args.batch, args.warmup + args.steps)
-    backend = build_rollout_backend(args.rollout_backend, loaded, tiny=args.tiny)
+    backend = build_rollout_backend(args.rollout_backend, loaded, tiny=args.tiny, weights=args.rollout_weights)
     trainer = build_trainer(loaded, cfg, pool, total_steps=(args.warmup + args.steps) * per_step,
                             rollout_backend=backend)
 

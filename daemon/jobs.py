@@ -745,7 +745,7 @@ def _rollout_backend(cfg: MethodConfig, loaded: Any) -> Any:
     from adapters.llama_rollout import LlamaCppRollout, RolloutBackendError
 
     try:
-        return LlamaCppRollout(loaded.source.path, loaded.tokenizer)
+        return LlamaCppRollout(loaded.source.path, loaded.tokenizer, weights=cfg.rollout.llama_weights)
     except RolloutBackendError as e:
         if kind == "auto":
             log.warning("llama.cpp rollouts unavailable, using HF generate: %s", e)

@@ -295,3 +295,81 @@ def test_failed_decode_is_a_clear_error(tiny, backend, monkeypatch):
         backend.generate(model, _prompts(tok), max_new_tokens=4)
     monkeypatch.undo()
     _assert_same(*_greedy_pair(model, tok, backend, _prompts(tok), max_new_tokens=4))  # the backend still works
+
+
+# --- what llama.cpp samples from ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_q8(tiny):
+    """The tiny model's weights stored as Q8_0: a quantised base, as the bundled Q4_1 one is."""
+    from adapters.gguf_export import write_merged_from_hf
+
+    folder, f32_path = tiny
+    path = f32_path.parent / "base-q8_0.gguf"
+    write_merged_from_hf(folder, load_base(folder).model.state_dict(), path, "q8_0")
+    return path
+
+
+def _tensors(path):
+    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf.quants import dequantize
+
+    return {t.name: (GGMLQuantizationType(t.tensor_type), dequantize(t.data, GGMLQuantizationType(t.tensor_type)))
+            for t in GGUFReader(path).tensors}
+
+
+def test_unquantised_base_is_sampled_as_it_is(tiny, tmp_path):
+    from adapters.llama_rollout import rollout_weights_file
+
+    _, f32_path = tiny
+    assert rollout_weights_file(f32_path, "f16", tmp_path) == f32_path
+    assert rollout_weights_file(f32_path, "base", tmp_path) == f32_path
+    assert not (tmp_path / "rollout-weights").exists() or not any((tmp_path / "rollout-weights").iterdir())
+
+
+def test_quantised_base_gets_an_f16_copy_of_its_values_made_once(tiny, tiny_q8, tmp_path):
+    import numpy as np
+    from gguf import GGMLQuantizationType as QT
+
+    from adapters.llama_rollout import rollout_weights_file
+
+    copy = rollout_weights_file(tiny_q8, "f16", tmp_path)
+    assert copy != tiny_q8 and copy.parent == tmp_path / "rollout-weights"
+    assert (copy.stat().st_mode & 0o777) == 0o600 and (copy.parent.stat().st_mode & 0o777) == 0o700
+    base, made = _tensors(tiny_q8), _tensors(copy)
+    assert base.keys() == made.keys()
+    for name, (qtype, values) in base.items():
+        new_type, new_values = made[name]
+        assert new_type == (QT.F32 if qtype == QT.F32 else QT.F16), name
+        np.testing.assert_allclose(new_values, values, rtol=1e-3, atol=1e-6, err_msg=name)
+    stamp = copy.stat().st_mtime_ns
+    assert rollout_weights_file(tiny_q8, "f16", tmp_path) == copy and copy.stat().st_mtime_ns == stamp
+    greedy = LlamaCppRollout(tiny_q8, load_base(tiny[0]).tokenizer, n_threads=1, cache_dir=tmp_path)
+    try:
+        assert greedy.base_gguf == copy
+    finally:
+        greedy.close()
+
+
+def test_unknown_rollout_weights_name_the_choices(tiny, tmp_path):
+    from adapters.llama_rollout import rollout_weights_file
+
+    with pytest.raises(RolloutBackendError, match="f16, q8_0, base"):
+        rollout_weights_file(tiny[1], "q4_0", tmp_path)
+    with pytest.raises(ConfigError):
+        load_method_config("sd", {"rollout": {"llama_weights": "q4_0"}})
+
+
+def test_q8_0_copy_is_quantised_on_request(tiny, tmp_path):
+    import numpy as np
+    from gguf import GGMLQuantizationType as QT
+
+    from adapters.llama_rollout import rollout_weights_file
+
+    _, f32_path = tiny
+    copy = rollout_weights_file(f32_path, "q8_0", tmp_path)
+    base, made = _tensors(f32_path), _tensors(copy)
+    for name, (_, values) in base.items():
+        new_type, new_values = made[name]
+        assert new_type == (QT.F32 if values.ndim == 1 else QT.Q8_0), name
+        np.testing.assert_allclose(new_values, values, atol=float(np.abs(values).max()) / 100, err_msg=name)
