@@ -93,7 +93,7 @@ class MethodConfig(_Strict):
                                   description="sequences per no-grad teacher/view forward: bounds attention memory")
     chunk_tokens: int = Field(128, ge=16, le=1 << 20,
                               description="rows (batch x positions) per vocabulary chunk: bounds logits memory "
-                                          "(128 x 49k fp32 = 25 MB, under the fast heap's 32 MiB reuse limit)")
+                                          "(128 x 49k fp32 = 25 MB per buffer)")
     gradient_checkpointing: bool = Field(True, description="recompute decoder activations in backward (memory)")
     seed: int = Field(0, ge=0, description="seed for rollouts, views and data order")
     lora: LoraSettings = Field(default_factory=LoraSettings)

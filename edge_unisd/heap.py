@@ -5,12 +5,13 @@ passes multi-MB activation buffers come from the heap, and freed heap memory is 
 step's RSS then grows to several times its live tensors (3.8 GB vs 1.0 GB for one SmolLM2 step at
 batch 8 x 256 here). Two fixed policies instead of that drift (`EDGE_UNISD_HEAP`):
 
-- `fast` (default): blocks up to 32 MiB (glibc's largest threshold) are reused from the heap, larger
-  ones are mmapped, and the trainer returns free heap pages to the OS after every step
-  (`release_free_memory`). Reuse avoids the kernel zero-filling fresh pages for every activation: a
-  SmolLM2-135M `sd` step at batch 8 x 64 on 2 cores took 11.8 s instead of 14.7 s (sys time was a
-  quarter of the CPU time), for a higher peak inside the step (2.13 vs 1.74 GB). 32 MiB rather than
-  4 also keeps the 25 MB vocabulary chunks (128 rows x 49k fp32) in the heap.
+- `fast` (default): blocks up to 4 MiB are reused from the heap, larger ones are mmapped, and the
+  trainer returns free heap pages to the OS after every step (`release_free_memory`). Reuse avoids
+  the kernel zero-filling fresh pages for every activation: a SmolLM2-135M `sd` step at batch 8 x 64
+  on 2 cores took 11.8 s instead of 14.7 s (sys time was a quarter of the CPU time), for a higher
+  peak inside the step (2.13 vs 1.74 GB). glibc's largest threshold, 32 MiB, was tried too: the
+  student stage at batch 8 x 256 took 12.8 instead of 13.9 s, but the step peaked at 2.55 instead
+  of 1.62 GB (the heap fragments around larger blocks), so 4 MiB stays.
 - `lean`: every block over 64 KiB is mmapped and unmapped on free, as MALLOC_MMAP_THRESHOLD_=65536
   would do: the lowest peak, paid for in page faults.
 """
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 HEAP_ENV = "EDGE_UNISD_HEAP"
 M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
-THRESHOLD_BYTES = {"fast": 32 << 20, "lean": 64 << 10}
+THRESHOLD_BYTES = {"fast": 4 << 20, "lean": 64 << 10}
 
 _policy: str | None = None
 
