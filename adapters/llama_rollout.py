@@ -17,7 +17,8 @@ Each `generate` call writes the student's adapter as it is now into a private te
 llama family), loads it onto the resident base, and frees the previous one. By default llama.cpp
 samples from an f16 copy of a quantised base (`rollout_weights_file`): the values transformers
 dequantised for training, to f16 rounding, so the samples are on-policy up to that rounding
-(next-token KL 1e-5 for SmolLM2 Q4_1, vs 0.004 sampling from the Q4_1 file itself, and faster).
+(next-token KL 1e-5 for SmolLM2 Q4_1, vs 0.004 sampling from the Q4_1 file itself, at about the
+same speed).
 
 Same contract as `edge_unisd.rollout.generate_completions`: sampling in HF's order (temperature,
 then top-p, then a seeded draw; temperature 0 is greedy), EOS masked by a logit bias until
@@ -84,10 +85,12 @@ def rollout_weights_file(base_gguf: Path, weights: str, cache_dir: Path | None =
     """The GGUF llama.cpp samples from: the base itself, or a copy of it stored as `weights`, made once.
 
     `f16` (default): a quantised base's values to f16 rounding, unquantised in llama.cpp's matmuls.
-    Measured for SmolLM2-135M Q4_1 (batch 8 x 64, 2 cores; mean KL(torch || llama.cpp) of next-token
-    distributions over 3 prompts with 48-token answers): the Q4_1 file itself, whose Q4_1 x Q8_1 dot
-    products quantise activations, 137 tokens/s at KL 0.0038 (top-1 agreement 0.975); f16 147 at
-    1e-5 (0.993); q8_0 177 at 0.0057 (0.953), the fastest but the least on-policy. An unquantised
+    Measured for SmolLM2-135M Q4_1 by bench/rollout_fidelity.py (mean KL(torch || llama.cpp) of the
+    next-token distributions over adapters/verify.py's 280 probe positions; tokens/s at batch 8 x 64 on
+    2 cores): the Q4_1 file itself, whose Q4_1 x Q8_1 dot products quantise activations too, KL 0.0044
+    (top-1 agreement 0.950), 162 tokens/s; f16 KL 0.00001 (0.996), 157 tokens/s (speed within this
+    machine's noise of the Q4_1 file's: another A/B had 147 vs 137); q8_0 KL 0.0065 (0.946), 192
+    tokens/s, the fastest and the least on-policy. An unquantised
     base (f32, f16, bf16) is used as it is. Copies live in `cache_dir` (default: the converted-model
     cache), named by the base's sha256, written atomically.
     """

@@ -42,8 +42,9 @@ class RolloutSettings(_Strict):
         "hf (transformers generate, batched), or auto: llamacpp for a GGUF base on CPU where llama.cpp loads, else hf")
     llama_weights: Literal["f16", "q8_0", "base"] = Field(
         "f16", description="what llama.cpp samples from: an f16 copy of a quantised base (on-policy to f16 rounding; "
-        "SmolLM2 Q4_1: 147 tokens/s, next-token KL 1e-5), a q8_0 copy (177 tokens/s, KL 0.006), or the base file "
-        "(137 tokens/s, KL 0.004: llama.cpp quantises activations for quantised weights); copies are made once")
+        "SmolLM2 Q4_1: next-token KL 1e-5, 157 tokens/s), a q8_0 copy (KL 0.0065, 192 tokens/s), or the base file "
+        "(KL 0.0044, 162 tokens/s: llama.cpp quantises activations for quantised weights); copies are made once "
+        "(bench/rollout_fidelity.py)")
 
 
 class OptimSettings(_Strict):
