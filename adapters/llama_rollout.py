@@ -33,6 +33,7 @@ import); the trainer only knows the `edge_unisd.trainer.RolloutBackend` protocol
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import tempfile
 import time
@@ -98,20 +99,16 @@ def rollout_weights_file(base_gguf: Path, weights: str, cache_dir: Path | None =
         raise RolloutBackendError(f"rollout weights {weights!r}: use one of {', '.join(ROLLOUT_WEIGHTS)}")
     if weights == "base":
         return base_gguf
-    from gguf import GGUFReader
-
-    from adapters.gguf_export import ExportError, is_unquantised, retype_gguf
+    from adapters.gguf_export import ExportError, retype_gguf
     from edge_unisd.atomic_io import ensure_private_dir
-    from edge_unisd.modeling import default_cache_dir, sha256_file
+    from edge_unisd.modeling import default_cache_dir
 
-    try:
-        unquantised = is_unquantised(GGUFReader(base_gguf))
-    except (ValueError, OSError, KeyError, IndexError) as e:  # gguf's reader raises these on a damaged file
-        raise RolloutBackendError(f"{base_gguf}: cannot be read as GGUF ({e}); re-download or re-convert it") from e
+    stat = base_gguf.stat()
+    sha, unquantised = _gguf_facts(str(base_gguf.resolve()), stat.st_size, stat.st_mtime_ns)
     if weights == "f16" and unquantised:
         return base_gguf
     folder = ensure_private_dir((cache_dir or default_cache_dir()) / "rollout-weights")
-    target = folder / f"{base_gguf.stem}-{sha256_file(base_gguf)[:16]}-{weights}.gguf"
+    target = folder / f"{base_gguf.stem}-{sha[:16]}-{weights}.gguf"
     if not target.is_file():
         log.info("writing the rollout copy of %s as %s (once per base file)", base_gguf, weights)
         try:
@@ -120,6 +117,22 @@ def rollout_weights_file(base_gguf: Path, weights: str, cache_dir: Path | None =
             raise RolloutBackendError(f"{base_gguf}: cannot write its {weights} copy for rollouts at {target}: "
                                       f"{e}; set rollout weights to 'base'") from e
     return target
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_facts(path: str, size: int, mtime_ns: int) -> tuple[str, bool]:
+    """(sha256, stored unquantised) of a GGUF, once per file version per process: hashing and parsing a
+    base take ~2 s, and the daemon builds a rollout backend every round."""
+    from gguf import GGUFReader
+
+    from adapters.gguf_export import is_unquantised
+    from edge_unisd.modeling import sha256_file
+
+    try:
+        unquantised = is_unquantised(GGUFReader(path))
+    except (ValueError, OSError, KeyError, IndexError) as e:  # gguf's reader raises these on a damaged file
+        raise RolloutBackendError(f"{path}: cannot be read as GGUF ({e}); re-download or re-convert it") from e
+    return sha256_file(Path(path)), unquantised
 
 
 def load_llama_cpp() -> ModuleType:

@@ -373,3 +373,19 @@ def test_q8_0_copy_is_quantised_on_request(tiny, tmp_path):
         new_type, new_values = made[name]
         assert new_type == (QT.F32 if values.ndim == 1 else QT.Q8_0), name
         np.testing.assert_allclose(new_values, values, atol=float(np.abs(values).max()) / 100, err_msg=name)
+
+
+def test_a_changed_base_file_gets_a_new_copy(tiny, tmp_path):
+    """The copy is named by the base's content: a base rewritten in place is not served its old copy."""
+    from adapters.gguf_export import write_merged_from_hf
+    from adapters.llama_rollout import rollout_weights_file
+
+    folder, _ = tiny
+    base = tmp_path / "base.gguf"
+    state = load_base(folder).model.state_dict()
+    write_merged_from_hf(folder, state, base, "q8_0")
+    first = rollout_weights_file(base, "f16", tmp_path)
+    write_merged_from_hf(folder, {k: v * 2 for k, v in state.items()}, base, "q8_0")
+    second = rollout_weights_file(base, "f16", tmp_path)
+    assert second != first and first.is_file()
+    assert _tensors(second)["blk.0.ffn_up.weight"][1].tolist() != _tensors(first)["blk.0.ffn_up.weight"][1].tolist()
