@@ -540,7 +540,8 @@ def adapt_once(home: Home, *, max_seconds: float | None = None, max_items: int |
             loaded = loader(settings.base_model)
             pending, why = _start_round(home, store, preset=preset or settings.preset,
                                         overrides=overrides, budget=budget, epochs=epochs,
-                                        max_items=max_items, force=force, fingerprint=_fingerprint_fn(loaded),
+                                        max_items=max_items, force=force,
+                                        fingerprint=_fingerprint_fn(loaded, overrides),
                                         decision=decision, cost_model=cost_model)
             if pending is None:
                 return {"status": "skipped", "reason": why, "gates": decision.to_dict()}
@@ -567,10 +568,27 @@ def adapt_once(home: Home, *, max_seconds: float | None = None, max_items: int |
             raise
 
 
-def _fingerprint_fn(loaded) -> Callable[[str], dict]:
-    """What the measured cost depends on besides the machine: the base weights, device, dtype and preset."""
-    return lambda preset: cost_fingerprint(loaded.source.fingerprint[:16], str(loaded.device),
-                                           dtype=str(loaded.dtype), preset=preset)
+def _fingerprint_fn(loaded, overrides: Mapping[str, Any], engine: str | None = None) -> Callable[[str], dict]:
+    """What the measured cost depends on besides the machine: the base weights, device, dtype, preset and
+    the rollout engine (llama.cpp samples about twice as fast as HF generate). `engine` is the one a round
+    used; before a round, the one its config would pick (`_planned_rollout_engine`)."""
+    def fingerprint(preset: str) -> dict:
+        used = engine or _planned_rollout_engine(_method_config(preset, overrides), loaded)
+        return cost_fingerprint(loaded.source.fingerprint[:16], str(loaded.device), dtype=str(loaded.dtype),
+                                preset=preset, rollout=used)
+    return fingerprint
+
+
+def _planned_rollout_engine(cfg: MethodConfig, loaded: Any) -> str:
+    """The rollout engine `_rollout_backend` would build, without loading llama.cpp to find out."""
+    kind = cfg.rollout.backend
+    if kind == "auto":
+        kind = "llamacpp" if loaded.source.kind == "gguf" and loaded.device.type == "cpu" else "hf"
+    return _rollout_engine_name(cfg, kind == "llamacpp")
+
+
+def _rollout_engine_name(cfg: MethodConfig, llama_cpp: bool) -> str:
+    return f"llamacpp-{cfg.rollout.llama_weights}" if llama_cpp else "hf"
 
 
 def _run_round(home: Home, store: Store, settings: DaemonSettings, pending: PendingRound, loaded, *,
@@ -636,7 +654,8 @@ def _run_round(home: Home, store: Store, settings: DaemonSettings, pending: Pend
         if monitor is not None:
             monitor.close()
     spent = result.seconds
-    _refit_cost_model(home, result.reports, _fingerprint_fn(loaded)(pending.preset))
+    engine = _rollout_engine_name(cfg, trainer.rollout_backend is not None)  # what this round really used
+    _refit_cost_model(home, result.reports, _fingerprint_fn(loaded, pending.overrides, engine)(pending.preset))
     _remember_uncertainty(store, result.uncertainty)
     summary = {"round": pending.round_id, "preset": pending.preset, "resumed": resumed,
                "resumed_from_step": resumed_from,

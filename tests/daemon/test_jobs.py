@@ -459,3 +459,23 @@ def test_a_multi_pass_plan_says_its_line_is_per_pass_and_gives_the_round_total()
     assert one == "16 items; predicted 48.2s of 50.0s budget (cost model: measured)"
     six = jobs._plan_summary("16 items; predicted 48.2s of 50.0s budget", 6, 48.2, 300.0, "given")
     assert six.startswith("per pass: 16 items") and "6 passes: predicted 289s of 300s" in six
+
+
+def test_cost_model_fingerprint_names_the_rollout_engine(tmp_path):
+    """llama.cpp and HF generate sample at different rates: a switch must not plan with the other's rates."""
+    from types import SimpleNamespace
+
+    def loaded(kind: str, device: str = "cpu"):
+        return SimpleNamespace(source=SimpleNamespace(kind=kind, path=tmp_path, fingerprint="f" * 64),
+                               device=torch.device(device), dtype=torch.float32)
+
+    def engine(overrides, kind="gguf", device="cpu", used=None):
+        return jobs._fingerprint_fn(loaded(kind, device), overrides, used)("edge")["rollout"]
+
+    assert engine({}) == "llamacpp-f16"  # auto, GGUF base on CPU
+    assert engine({}, kind="hf") == "hf" and engine({}, device="cuda") == "hf"
+    assert engine({"rollout": {"backend": "hf"}}) == "hf"
+    assert engine({"rollout": {"llama_weights": "q8_0"}}) == "llamacpp-q8_0"
+    assert engine({}, used="hf") == "hf"  # a round that fell back to HF generate is recorded as such
+    planned = jobs._fingerprint_fn(loaded("gguf"), {})("edge")
+    assert planned != jobs._fingerprint_fn(loaded("gguf"), {"rollout": {"backend": "hf"}})("edge")
