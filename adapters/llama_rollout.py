@@ -91,9 +91,9 @@ def rollout_weights_file(base_gguf: Path, weights: str, cache_dir: Path | None =
     2 cores): the Q4_1 file itself, whose Q4_1 x Q8_1 dot products quantise activations too, KL 0.0044
     (top-1 agreement 0.950), 162 tokens/s; f16 KL 0.00001 (0.996), 157 tokens/s (speed within this
     machine's noise of the Q4_1 file's: another A/B had 147 vs 137); q8_0 KL 0.0065 (0.946), 192
-    tokens/s, the fastest and the least on-policy. An unquantised
-    base (f32, f16, bf16) is used as it is. Copies live in `cache_dir` (default: the converted-model
-    cache), named by the base's sha256, written atomically.
+    tokens/s, the fastest and the least on-policy. An unquantised base (f32, f16, bf16) is used as
+    it is. Copies live in `cache_dir` (default: the converted-model cache), named by the base's
+    sha256, written atomically.
     """
     if weights not in ROLLOUT_WEIGHTS:
         raise RolloutBackendError(f"rollout weights {weights!r}: use one of {', '.join(ROLLOUT_WEIGHTS)}")
@@ -115,7 +115,7 @@ def rollout_weights_file(base_gguf: Path, weights: str, cache_dir: Path | None =
             retype_gguf(base_gguf, target, weights)
         except (ExportError, ValueError, OSError) as e:
             raise RolloutBackendError(f"{base_gguf}: cannot write its {weights} copy for rollouts at {target}: "
-                                      f"{e}; set rollout weights to 'base'") from e
+                                      f"{e}; set rollout.llama_weights to 'base'") from e
     return target
 
 

@@ -71,16 +71,13 @@ def _grad_rows(dz_N_V: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return dz_N_V.to(weight.dtype) @ weight  # (N, V) @ (V, H)
 
 
-def _fkl_chunk(z_N_V: torch.Tensor, t_logp_N_V: torch.Tensor, tokens_N: torch.Tensor, weight: torch.Tensor,
+def _fkl_chunk(s_logp_N_V: torch.Tensor, t_logp_N_V: torch.Tensor, tokens_N: torch.Tensor, weight: torch.Tensor,
                logps_grad: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """KL(p_T || p_S) at τ=1 in closed form; consumes (overwrites) `t_logp_N_V`."""
-    s_logp_N_V = log_softmax_at(z_N_V)
-    del z_N_V
     s_tok, t_tok = pick_token_logps(s_logp_N_V, tokens_N), pick_token_logps(t_logp_N_V, tokens_N)
     p_t_N_V, p_s_N_V = t_logp_N_V.exp(), s_logp_N_V.exp()
     entropy = -_rowdot(p_s_N_V, s_logp_N_V)
     div = _rowdot(p_t_N_V, t_logp_N_V.sub_(s_logp_N_V))  # Σ p_T (log p_T − log p_S)
-    del s_logp_N_V, t_logp_N_V
     dirs = []
     if logps_grad:  # ∂ log p_S(y) / ∂z = onehot(y) − p_S
         p_s_W = _grad_rows(p_s_N_V, weight)
@@ -127,11 +124,13 @@ def fused_distill_chunk(s_h_N_H: torch.Tensor, t_h_N_H: torch.Tensor, tokens_N: 
     with torch.no_grad():
         t_logits_N_V = F.linear(t_h_N_H, weight, bias)
         t_logp_N_V = log_softmax_at(t_logits_N_V)
-        z_N_V = F.linear(s_h_N_H.detach(), weight, bias)
     if kind == "fkl" and temperature == 1.0:
         del t_logits_N_V
-        values, dirs, t_tok, entropy = _fkl_chunk(z_N_V, t_logp_N_V, tokens_N, weight, logps_grad)
+        with torch.no_grad():  # the student's logits are not kept: only their log-softmax is needed
+            s_logp_N_V = log_softmax_at(F.linear(s_h_N_H.detach(), weight, bias))
+            values, dirs, t_tok, entropy = _fkl_chunk(s_logp_N_V, t_logp_N_V, tokens_N, weight, logps_grad)
     else:
+        z_N_V = F.linear(s_h_N_H.detach(), weight, bias)
         values, dirs, t_tok, entropy = _autograd_chunk(z_N_V, t_logits_N_V, t_logp_N_V, tokens_N, weight, kind=kind,
                                                        beta=beta, temperature=temperature, logps_grad=logps_grad)
     div, s_tok = values
