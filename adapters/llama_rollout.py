@@ -35,6 +35,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import re
 import tempfile
 import time
 import weakref
@@ -116,7 +117,18 @@ def rollout_weights_file(base_gguf: Path, weights: str, cache_dir: Path | None =
         except (ExportError, ValueError, OSError) as e:
             raise RolloutBackendError(f"{base_gguf}: cannot write its {weights} copy for rollouts at {target}: "
                                       f"{e}; set rollout.llama_weights to 'base'") from e
+        _prune_older_copies(target, base_gguf.stem, weights)
     return target
+
+
+def _prune_older_copies(keep: Path, stem: str, weights: str) -> None:
+    """A base file rewritten in place leaves its old copy behind (~260 MB for SmolLM2): remove copies of the
+    same file name and type made from other contents. A process still sampling from one keeps its mapping."""
+    pattern = re.compile(rf"{re.escape(stem)}-[0-9a-f]{{16}}-{re.escape(weights)}\.gguf")
+    for old in keep.parent.iterdir():
+        if old != keep and pattern.fullmatch(old.name):
+            log.info("removing the outdated rollout copy %s", old)
+            old.unlink(missing_ok=True)
 
 
 @functools.lru_cache(maxsize=8)

@@ -376,7 +376,8 @@ def test_q8_0_copy_is_quantised_on_request(tiny, tmp_path):
 
 
 def test_a_changed_base_file_gets_a_new_copy(tiny, tmp_path):
-    """The copy is named by the base's content: a base rewritten in place is not served its old copy."""
+    """The copy is named by the base's content: a base rewritten in place is not served its old copy,
+    and the old copy does not stay behind in the cache."""
     from adapters.gguf_export import write_merged_from_hf
     from adapters.llama_rollout import rollout_weights_file
 
@@ -386,6 +387,11 @@ def test_a_changed_base_file_gets_a_new_copy(tiny, tmp_path):
     write_merged_from_hf(folder, state, base, "q8_0")
     first = rollout_weights_file(base, "f16", tmp_path)
     write_merged_from_hf(folder, {k: v * 2 for k, v in state.items()}, base, "q8_0")
+    first_values = _tensors(first)["blk.0.ffn_up.weight"][1].tolist()
+    other = rollout_weights_file(base, "q8_0", tmp_path)  # another type of the same base: not an old copy
+    stranger = tmp_path / "rollout-weights" / f"base2-{'a' * 16}-f16.gguf"  # another base's copy
+    stranger.touch()
+    write_merged_from_hf(folder, {k: v * 2 for k, v in state.items()}, base, "q8_0")
     second = rollout_weights_file(base, "f16", tmp_path)
-    assert second != first and first.is_file()
-    assert _tensors(second)["blk.0.ffn_up.weight"][1].tolist() != _tensors(first)["blk.0.ffn_up.weight"][1].tolist()
+    assert second != first and _tensors(second)["blk.0.ffn_up.weight"][1].tolist() != first_values
+    assert not first.exists() and other.is_file() and stranger.is_file()  # only the outdated f16 copy goes
