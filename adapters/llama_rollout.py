@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from edge_unisd.rollout import Rollout, completion_mask_from_ids, eos_token_ids
-from edge_unisd.scoring import common_prefix_length
+from edge_unisd.scoring import shared_prefix_length
 
 if TYPE_CHECKING:
     from adapters.gguf_export import ModelShape
@@ -467,10 +467,8 @@ def _fill(batch, rows: Sequence[tuple[int, Sequence[int], int]], *, outputs: boo
 
 
 def _shared_length(prompts: Sequence[Sequence[int]]) -> int:
-    """Leading tokens every prompt shares, short of each one's last token (whose logits its row needs)."""
-    if len(prompts) < 2:
-        return 0
-    return min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1)
+    """Tokens decoded once for every row: `shared_prefix_length`, or none for a single row."""
+    return shared_prefix_length(prompts) if len(prompts) >= 2 else 0
 
 
 def _release(ll: ModuleType, llm, held: dict) -> None:

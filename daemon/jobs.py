@@ -581,10 +581,13 @@ def _fingerprint_fn(loaded, overrides: Mapping[str, Any], engine: str | None = N
 
 def _planned_rollout_engine(cfg: MethodConfig, loaded: Any) -> str:
     """The rollout engine `_rollout_backend` would build, without loading llama.cpp to find out."""
+    return _rollout_engine_name(cfg, _wants_llama_cpp(cfg, loaded))
+
+
+def _wants_llama_cpp(cfg: MethodConfig, loaded: Any) -> bool:
+    """llama.cpp rollouts asked for: `llamacpp`, or `auto` with a GGUF base on CPU."""
     kind = cfg.rollout.backend
-    if kind == "auto":
-        kind = "llamacpp" if loaded.source.kind == "gguf" and loaded.device.type == "cpu" else "hf"
-    return _rollout_engine_name(cfg, kind == "llamacpp")
+    return kind == "llamacpp" or (kind == "auto" and loaded.source.kind == "gguf" and loaded.device.type == "cpu")
 
 
 def _rollout_engine_name(cfg: MethodConfig, llama_cpp: bool) -> str:
@@ -754,9 +757,7 @@ def _rollout_backend(cfg: MethodConfig, loaded: Any) -> Any:
     back to HF generate, with a warning, when llama.cpp cannot load the base.
     """
     kind = cfg.rollout.backend
-    if kind == "hf":
-        return None
-    if kind == "auto" and (loaded.source.kind != "gguf" or loaded.device.type != "cpu"):
+    if not _wants_llama_cpp(cfg, loaded):
         return None
     if loaded.source.kind != "gguf":
         raise AdaptError(f"rollout.backend llamacpp samples from the base GGUF, but the base is an HF folder "

@@ -62,6 +62,15 @@ def divergence_from_logps(s_logp: torch.Tensor, t_logp: torch.Tensor, kind: str 
     return beta * _kl_from_logps(t_logp, m_logp) + (1.0 - beta) * _kl_from_logps(s_logp, m_logp)
 
 
+def chunk_divergence(s_logits: torch.Tensor, t_logits: torch.Tensor, s_logp: torch.Tensor, t_logp: torch.Tensor,
+                     kind: str = "fkl", beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
+    """`token_divergence` where the τ=1 log-softmaxes are already made (for the sampled-token log-probs
+    and the entropy): at τ = 1 they serve the divergence too, otherwise it softens the logits itself."""
+    if temperature == 1.0:
+        return divergence_from_logps(s_logp, t_logp, kind=kind, beta=beta)
+    return token_divergence(s_logits, t_logits, kind=kind, beta=beta, temperature=temperature)
+
+
 def clip_cap(div: torch.Tensor, mask: torch.Tensor, cap: float | None = None,
              quantile: float | None = None) -> float | None:
     """The effective cap: the static `cap`, the `quantile` of the masked divergences, or the smaller."""

@@ -19,12 +19,11 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from edge_unisd.losses import (
-    divergence_from_logps,
+    chunk_divergence,
     entropy_from_logps,
     log_softmax_at,
     pick_token_logps,
     sampled_token_logps,
-    token_divergence,
 )
 from edge_unisd.rollout import Rollout, left_pad
 from edge_unisd.vocab_grad import frozen_linear_head, fused_distill_chunk, fused_token_logps_chunk
@@ -87,10 +86,7 @@ def _chunk_terms(s_h: torch.Tensor, t_h: torch.Tensor, tokens: torch.Tensor, hea
         t_logits = head(t_h)  # (B, c, V)
         t_logp = log_softmax_at(t_logits)
     s_logp = log_softmax_at(s_logits)
-    if temperature == 1.0:
-        div = divergence_from_logps(s_logp, t_logp, kind=kind, beta=beta)
-    else:
-        div = token_divergence(s_logits, t_logits, kind=kind, beta=beta, temperature=temperature)
+    div = chunk_divergence(s_logits, t_logits, s_logp, t_logp, kind=kind, beta=beta, temperature=temperature)
     with torch.no_grad():
         t_tok = pick_token_logps(t_logp, tokens)
         ent = entropy_from_logps(s_logp.detach())
@@ -177,6 +173,11 @@ def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     return n
 
 
+def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """Leading tokens every prompt shares, short of each one's last token (whose output its row needs)."""
+    return min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1)
+
+
 def prefix_group(prompts: Sequence[Sequence[int]], min_prefix: int) -> list[int]:
     """Rows of the largest group whose prompts share at least `min_prefix` tokens (each prompt keeping at
     least one token of its own), in order. One odd prompt must not cost the whole batch its shared prefix."""
@@ -230,7 +231,7 @@ def completion_hidden_shared_prefix(model, prompts: Sequence[Sequence[int]], rol
             hidden = fn(model, [prompts[i] for i in rows], sub, pad_id, max_batch, **kw)
             parts.update({i: hidden[j] for j, i in enumerate(rows)})
         return torch.stack([parts[i] for i in range(B)])
-    shared = min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1)
+    shared = shared_prefix_length(prompts)
     device = rollout.completion_ids.device
     prefix_kv = _prefix_cache(model, prompts[0][:shared], device, memo)
     step = max_batch or B

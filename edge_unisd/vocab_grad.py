@@ -22,11 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from edge_unisd.losses import (
-    divergence_from_logps,
+    chunk_divergence,
     entropy_from_logps,
     log_softmax_at,
     pick_token_logps,
-    token_divergence,
 )
 
 
@@ -95,10 +94,8 @@ def _autograd_chunk(z_N_V: torch.Tensor, t_logits_N_V: torch.Tensor, t_logp_N_V:
     z_N_V = z_N_V.detach().requires_grad_(True)
     with torch.enable_grad():
         s_logp_N_V = log_softmax_at(z_N_V)
-        if temperature == 1.0:
-            div = divergence_from_logps(s_logp_N_V, t_logp_N_V, kind=kind, beta=beta)
-        else:
-            div = token_divergence(z_N_V, t_logits_N_V, kind=kind, beta=beta, temperature=temperature)
+        div = chunk_divergence(z_N_V, t_logits_N_V, s_logp_N_V, t_logp_N_V, kind=kind, beta=beta,
+                               temperature=temperature)
         s_tok = pick_token_logps(s_logp_N_V, tokens_N)
         wanted = [div, s_tok] if logps_grad else [div]
         dirs = []
