@@ -70,6 +70,11 @@ def _grad_rows(dz_N_V: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return dz_N_V.to(weight.dtype) @ weight  # (N, V) @ (V, H)
 
 
+def _token_logp_rows(p_N_V: torch.Tensor, tokens_N: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """d log p(y)/dh per row: ∂/∂z = onehot(y) − p, times W, i.e. W[y] − p W. -> (N, H)"""
+    return F.embedding(tokens_N, weight) - _grad_rows(p_N_V, weight)
+
+
 def _fkl_chunk(s_logp_N_V: torch.Tensor, t_logp_N_V: torch.Tensor, tokens_N: torch.Tensor, weight: torch.Tensor,
                logps_grad: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """KL(p_T || p_S) at τ=1 in closed form; consumes (overwrites) `t_logp_N_V`."""
@@ -77,13 +82,10 @@ def _fkl_chunk(s_logp_N_V: torch.Tensor, t_logp_N_V: torch.Tensor, tokens_N: tor
     p_t_N_V, p_s_N_V = t_logp_N_V.exp(), s_logp_N_V.exp()
     entropy = -_rowdot(p_s_N_V, s_logp_N_V)
     div = _rowdot(p_t_N_V, t_logp_N_V.sub_(s_logp_N_V))  # Σ p_T (log p_T − log p_S)
-    dirs = []
-    if logps_grad:  # ∂ log p_S(y) / ∂z = onehot(y) − p_S
-        p_s_W = _grad_rows(p_s_N_V, weight)
-        dirs_tok = F.embedding(tokens_N, weight) - p_s_W
-    dirs.append(_grad_rows(p_s_N_V.sub_(p_t_N_V), weight))  # ∂ℓ/∂z = p_S − p_T
-    if logps_grad:
-        dirs.append(dirs_tok)
+    dir_tok = _token_logp_rows(p_s_N_V, tokens_N, weight) if logps_grad else None  # before p_S is overwritten
+    dirs = [_grad_rows(p_s_N_V.sub_(p_t_N_V), weight)]  # ∂ℓ/∂z = p_S − p_T
+    if dir_tok is not None:
+        dirs.append(dir_tok)
     return [div, s_tok], dirs, t_tok, entropy
 
 
@@ -148,8 +150,7 @@ def fused_token_logps_chunk(h_N_H: torch.Tensor, tokens_N: torch.Tensor, head: t
     with torch.no_grad():
         logp_N_V = log_softmax_at(F.linear(h_N_H, weight, head.bias), temperature)
         logps = pick_token_logps(logp_N_V, tokens_N)
-        p_W = _grad_rows(logp_N_V.exp_(), weight)
+        dir_N_H = _token_logp_rows(logp_N_V.exp_(), tokens_N, weight) / temperature
         del logp_N_V
-        dir_N_H = (F.embedding(tokens_N, weight) - p_W) / temperature
     (logps,) = with_forward_grads(h_N_H, [logps], [dir_N_H])
     return logps
