@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from edge_unisd.items import Item
-from edge_unisd.rollout import completion_mask_from_ids, generate_completions, left_pad, pack_completions
+from edge_unisd.rollout import (
+    completion_mask_from_ids,
+    generate_completions,
+    inverse_cdf_draw,
+    left_pad,
+    pack_completions,
+    sample_next_tokens,
+    warp_logits,
+)
 from edge_unisd.views import (
     ViewBuilder,
     embed_texts,
@@ -102,3 +112,59 @@ def test_rollout_is_batched_seeded_and_masked(tokenizer, tiny_model):
     assert torch.equal(a.completion_mask, completion_mask_from_ids(a.completion_ids, [2]))
     forced = generate_completions(tiny_model, tokenizer, prompts, max_new_tokens=5, min_new_tokens=5, seed=1)
     assert forced.completion_ids.shape[1] == 5 and forced.num_tokens >= 3 * 4
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (0.7, 0.9), (1.3, 0.5), (0.5, 0.05)])
+def test_warped_logits_equal_hf_generates_processors(temperature, top_p):
+    """The llama.cpp backend samples from these logits: they must be HF generate's, ban included."""
+    logits_R_V = torch.randn(6, 300, generator=torch.Generator().manual_seed(0)) * 3
+    ids = torch.zeros(6, 1, dtype=torch.long)
+    hf = logits_R_V.clone()
+    hf[:, [2, 7]] = float("-inf")  # what MinNewTokensLengthLogitsProcessor does to the EOS ids
+    hf = TemperatureLogitsWarper(temperature)(ids, hf)
+    if top_p < 1.0:
+        hf = TopPLogitsWarper(top_p)(ids, hf)
+    ours = warp_logits(logits_R_V, temperature=temperature, top_p=top_p, banned=[2, 7])
+    assert torch.equal(torch.isinf(ours), torch.isinf(hf))
+    assert torch.allclose(ours[~torch.isinf(ours)], hf[~torch.isinf(hf)])
+    assert (ours > float("-inf")).any(-1).all()  # the most likely allowed token always stays
+
+
+def test_sampled_tokens_follow_the_warped_distribution():
+    logits_V = torch.tensor([2.0, 1.0, 0.0, -1.0, 3.0])
+    rows = 40_000
+    draws = sample_next_tokens(logits_V.expand(rows, -1), temperature=0.8, top_p=0.95, banned=[4],
+                               generator=torch.Generator().manual_seed(1))
+    expected = warp_logits(logits_V[None], temperature=0.8, top_p=0.95, banned=[4]).softmax(-1)[0]
+    freq = torch.bincount(draws, minlength=5).float() / rows
+    assert freq[4] == 0 and freq[expected == 0].sum() == 0  # banned and outside the nucleus: never drawn
+    assert torch.allclose(freq, expected, atol=0.01)
+
+
+def test_sampling_is_seeded_and_greedy_skips_banned_ids():
+    logits_R_V = torch.randn(8, 50, generator=torch.Generator().manual_seed(2))
+
+    def draw(seed: int) -> torch.Tensor:
+        return sample_next_tokens(logits_R_V, temperature=2.0, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(draw(3), draw(3)) and not torch.equal(draw(3), draw(4))
+    best = logits_R_V.argmax(-1)
+    greedy = sample_next_tokens(logits_R_V, temperature=0.0, banned=best[:1].tolist())
+    assert not (greedy == best[0]).any()
+    assert torch.equal(greedy[best != best[0]], best[best != best[0]])
+    with pytest.raises(ValueError, match="temperature"):
+        warp_logits(logits_R_V, temperature=0.0)
+
+
+def test_inverse_cdf_draw_is_the_first_entry_past_u_of_the_mass_and_never_a_zero_weight():
+    weights_R_V = torch.tensor([[0.0, 1.0, 0.0, 0.0, 2.0, 0.5, 0.0, 0.0, 1.5, 0.0],
+                                [3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                                [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 4.0]])
+    for u in [0.0, 1e-9, 0.1, 0.2, 0.2000001, 0.5, 0.7, 0.9, 0.999, 1.0 - 1e-15]:
+        u_R = torch.full((3,), u, dtype=torch.float64)
+        cdf_R_V = weights_R_V.double().cumsum(-1)
+        expected = torch.searchsorted(cdf_R_V, (u_R * cdf_R_V[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+        for block in (4, 3, 1024):  # blocks that split the row unevenly, and one larger than the row
+            drawn = inverse_cdf_draw(weights_R_V, u_R, block=block)
+            assert torch.equal(drawn, expected.clamp(max=9)), (u, block)
+            assert (weights_R_V.gather(-1, drawn[:, None]) > 0).all()
