@@ -26,7 +26,13 @@ from edge_unisd.losses import (
     sampled_token_logps,
 )
 from edge_unisd.rollout import Rollout, left_pad
-from edge_unisd.vocab_grad import frozen_linear_head, fused_distill_chunk, fused_token_logps_chunk
+from edge_unisd.vocab_grad import (
+    VocabScratch,
+    frozen_linear_head,
+    fused_distill_chunk,
+    fused_token_logps_chunk,
+    uses_closed_form,
+)
 
 
 def causal_lm(model) -> torch.nn.Module:
@@ -113,9 +119,11 @@ def chunked_distill_terms(student_h: torch.Tensor, teacher_h: torch.Tensor, head
         # flattened rows: contiguous chunks keep the head on one plain matmul
         s_N_H, t_N_H = student_h.reshape(B * L, H), teacher_h.detach().reshape(B * L, H)
         tokens_N = tokens.reshape(B * L)
+        scratch = (VocabScratch(head.weight.shape[0], min(chunk_tokens, B * L), student_h.device)
+                   if uses_closed_form(kind, temperature) else None)  # one set of (V, chunk) buffers per call
         parts = [fused_distill_chunk(s_N_H[i:i + chunk_tokens], t_N_H[i:i + chunk_tokens],
                                      tokens_N[i:i + chunk_tokens], head, kind=kind, beta=beta,
-                                     temperature=temperature, logps_grad=logps_grad)
+                                     temperature=temperature, logps_grad=logps_grad, scratch=scratch)
                  for i in range(0, B * L, chunk_tokens)]
         div, s_logp, t_logp, ent = (torch.cat([p[i] for p in parts]).view(B, L) for i in range(4))
         return DistillTerms(div, s_logp, t_logp, ent)
