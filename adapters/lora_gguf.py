@@ -42,31 +42,47 @@ def write_lora(adapter_dir: Path, shape: ModelShape, out: Path, dtype: str = "f3
     adapter_dir = Path(adapter_dir)
     cfg_path = adapter_dir / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise ExportError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LoRA")
-    for key in ("use_dora", "fan_in_fan_out"):
-        if cfg.get(key):
-            raise ExportError(f"{cfg_path}: {key}=true is not supported by llama.cpp adapters; export merged")
-    if cfg.get("lora_bias") or cfg.get("bias", "none") != "none":
-        raise ExportError(f"{cfg_path}: LoRA biases are not supported by llama.cpp adapters; export merged")
-    if cfg.get("modules_to_save"):
-        raise ExportError(f"{cfg_path}: modules_to_save={cfg['modules_to_save']} (full weights) cannot go in a "
-                          "llama.cpp adapter; export merged")
+    check_lora_config(cfg, str(cfg_path))
     if dtype not in ("f32", "f16"):
         raise ExportError(f"LoRA GGUF dtype {dtype!r}: use f32 or f16")
     weights_path = adapter_dir / "adapter_model.safetensors"
     if not weights_path.is_file():
         raise ExportError(f"{adapter_dir}: adapter_model.safetensors missing")
-    weights = load_file(str(weights_path))
+    return write_lora_weights(cfg, load_file(str(weights_path)), shape, out, dtype, where=str(weights_path),
+                              name=adapter_dir.name)
 
-    rules = arch_rules(shape.arch, str(cfg_path))
+
+def check_lora_config(cfg: Mapping[str, Any], where: str) -> None:
+    """Refuse what a llama.cpp adapter cannot hold (DoRA, biases, full modules), naming `where`."""
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ExportError(f"{where}: peft_type {cfg.get('peft_type')!r} is not LoRA")
+    for key in ("use_dora", "fan_in_fan_out"):
+        if cfg.get(key):
+            raise ExportError(f"{where}: {key}=true is not supported by llama.cpp adapters; export merged")
+    if cfg.get("lora_bias") or cfg.get("bias", "none") != "none":
+        raise ExportError(f"{where}: LoRA biases are not supported by llama.cpp adapters; export merged")
+    if cfg.get("modules_to_save"):
+        raise ExportError(f"{where}: modules_to_save={cfg['modules_to_save']} (full weights) cannot go in a "
+                          "llama.cpp adapter; export merged")
+
+
+def write_lora_weights(cfg: Mapping[str, Any], weights: Mapping[str, np.ndarray], shape: ModelShape, out: Path,
+                       dtype: str = "f32", *, where: str, name: str) -> Path:
+    """`write_lora` from a PEFT config and its lora_A/lora_B arrays already in memory (PEFT's key names).
+
+    The rollout backend writes the live adapter this way on every call: no safetensors round trip.
+    """
+    check_lora_config(cfg, where)
+    if dtype not in ("f32", "f16"):
+        raise ExportError(f"LoRA GGUF dtype {dtype!r}: use f32 or f16")
+    rules = arch_rules(shape.arch, where)
     name_map = gguf.get_tensor_name_map(rules.gguf_arch, shape.n_blocks)
     alpha = float(cfg.get("lora_alpha", 8))
     pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for key in weights:
         if ".lora_A." not in key:
             if ".lora_B." not in key:
-                raise ExportError(f"{weights_path}: tensor {key!r} is not a LoRA A/B matrix (embedding LoRA "
+                raise ExportError(f"{where}: tensor {key!r} is not a LoRA A/B matrix (embedding LoRA "
                                   "or extra weights); export merged instead")
             continue
         module = key.split(".lora_A.")[0]
@@ -74,7 +90,7 @@ def write_lora(adapter_dir: Path, shape: ModelShape, out: Path, dtype: str = "f3
         hf_module = module.removeprefix("base_model.model.")
         found = gguf_name_of(hf_module + ".weight", name_map)
         if found is None:
-            raise ExportError(f"{weights_path}: LoRA on {hf_module!r} has no GGUF tensor name")
+            raise ExportError(f"{where}: LoRA on {hf_module!r} has no GGUF tensor name")
         kind, name = found
         a = weights[key].astype(np.float32)  # (r, in)
         b = weights[b_key].astype(np.float32)  # (out, r)
@@ -87,7 +103,7 @@ def write_lora(adapter_dir: Path, shape: ModelShape, out: Path, dtype: str = "f3
             b = permute_qk(b, shape.n_head, shape.n_head_kv)
         pairs[name] = (np.ascontiguousarray(a), np.ascontiguousarray(b))
     if not pairs:
-        raise ExportError(f"{weights_path}: no LoRA matrices found")
+        raise ExportError(f"{where}: no LoRA matrices found")
 
     qtype = QT.F32 if dtype == "f32" else QT.F16
     planned = []
@@ -100,7 +116,7 @@ def write_lora(adapter_dir: Path, shape: ModelShape, out: Path, dtype: str = "f3
         w.add_type(gguf.GGUFType.ADAPTER)
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-        w.add_name(adapter_dir.name)
+        w.add_name(name)
 
     return write_gguf(Path(out), shape.arch, add_metadata, planned)
 

@@ -138,6 +138,21 @@ def test_lora_gguf_has_llama_cpp_adapter_layout(tiny_llama, tiny_llama_adapter, 
     assert len(t) == 2 * 2 * 7  # 7 linear layers per block, 2 blocks, a and b each
 
 
+def test_lora_gguf_from_the_live_adapters_tensors_equals_the_one_from_its_folder(tiny_llama, tiny_llama_adapter,
+                                                                                   tmp_path):
+    """The rollout backend writes the adapter from memory; it must be the file `write_lora` makes."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    shape = ge.shape_from_hf_config(json.loads((tiny_llama / "config.json").read_text()), "c")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), tiny_llama_adapter)
+    weights = {k: v.detach().numpy() for k, v in get_peft_model_state_dict(model).items()}
+    live = lg.write_lora_weights(model.peft_config["default"].to_dict(), weights, shape, tmp_path / "live.gguf",
+                                 where="live", name=tiny_llama_adapter.name)
+    saved = lg.write_lora(tiny_llama_adapter, shape, tmp_path / "saved.gguf")
+    assert live.read_bytes() == saved.read_bytes()
+
+
 def test_peft_scaling_folds_rslora_and_alpha_patterns():
     assert lg.peft_scaling({"lora_alpha": 16}, "model.layers.0.self_attn.q_proj", 8) == 2.0
     assert lg.peft_scaling({"lora_alpha": 16, "use_rslora": True}, "x.q_proj", 16) == 4.0
