@@ -14,8 +14,8 @@ set again) and freed by `close`.
 
 Each `generate` call writes the student's adapter as it is now into a private temp dir
 (adapters/lora_gguf.py's `write_lora_weights` from the adapter's tensors in memory, which permutes
-lora_B of Q/K for the llama family), loads it onto the resident base, and frees the previous one. By default llama.cpp
-samples from an f16 copy of a quantised base (`rollout_weights_file`): the values transformers
+lora_B of Q/K for the llama family), loads it onto the resident base, and frees the previous one.
+By default llama.cpp samples from an f16 copy of a quantised base (`rollout_weights_file`): the values transformers
 dequantised for training, to f16 rounding, so the samples are on-policy up to that rounding
 (next-token KL 1e-5 for SmolLM2 Q4_1, vs 0.004 sampling from the Q4_1 file itself, at about the
 same speed).

@@ -5,13 +5,17 @@ passes multi-MB activation buffers come from the heap, and freed heap memory is 
 step's RSS then grows to several times its live tensors (3.8 GB vs 1.0 GB for one SmolLM2 step at
 batch 8 x 256 here). Two fixed policies instead of that drift (`EDGE_UNISD_HEAP`):
 
-- `fast` (default): blocks up to 4 MiB are reused from the heap, larger ones are mmapped, and the
+- `fast` (default): blocks up to 8 MiB are reused from the heap, larger ones are mmapped, and the
   trainer returns free heap pages to the OS after every step (`release_free_memory`). Reuse avoids
   the kernel zero-filling fresh pages for every activation: a SmolLM2-135M `sd` step at batch 8 x 64
   on 2 cores took 11.8 s instead of 14.7 s (sys time was a quarter of the CPU time), for a higher
-  peak inside the step (2.13 vs 1.74 GB). glibc's largest threshold, 32 MiB, was tried too: the
-  student stage at batch 8 x 256 took 12.8 instead of 13.9 s, but the step peaked at 2.55 instead
-  of 1.62 GB (the heap fragments around larger blocks), so 4 MiB stays.
+  peak inside the step (2.13 vs 1.74 GB). 8 MiB rather than 4 takes in the MLP activations of a
+  batch of ~800 tokens (800 x 1536 floats, 5 MB): on 2 AVX2 cores the `sd` student stage took
+  6.8-7.0 instead of 7.4-7.7 s at batch 8 x 64 and 24.7 instead of 28.0 s at 8 x 256 (medians, the
+  two thresholds alternating on one batch in one process); the peak of an `edge` step at 8 x 256
+  (bench/memory.py) rose from 1.62 to 2.06 GB. glibc's largest threshold, 32 MiB, was tried too:
+  the student stage at 8 x 256 took 12.8 instead of 13.9 s on another CPU, but the step peaked at
+  2.55 GB (the heap fragments around larger blocks).
 - `lean`: every block over 64 KiB is mmapped and unmapped on free, as MALLOC_MMAP_THRESHOLD_=65536
   would do: the lowest peak, paid for in page faults.
 """
@@ -29,7 +33,7 @@ log = logging.getLogger(__name__)
 
 HEAP_ENV = "EDGE_UNISD_HEAP"
 M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
-THRESHOLD_BYTES = {"fast": 4 << 20, "lean": 64 << 10}
+THRESHOLD_BYTES = {"fast": 8 << 20, "lean": 64 << 10}
 
 _policy: str | None = None
 
