@@ -350,7 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: every CPU)")
     p.add_argument("--repeats", type=int, default=None, help="matmul timing repeats for the MFU ceiling")
     p.add_argument("--tiny", action="store_true", help="smoke run: tiny random llama, 1 step, 4 tokens")
-    p.add_argument("--rollout-weights", choices=("f16", "q8_0", "base"), default="f16",
+    from adapters.llama_rollout import ROLLOUT_WEIGHTS
+
+    p.add_argument("--rollout-weights", choices=ROLLOUT_WEIGHTS, default="f16",
                    help="llamacpp: what llama.cpp samples from (adapters.llama_rollout.rollout_weights_file)")
     p.add_argument("--rollout-backend", choices=("hf", "llamacpp"), default="hf",
                    help="rollout engine: hf generate (default) or llama.cpp on the base GGUF with the live LoRA")
