@@ -13,7 +13,7 @@ batch 8 x 256 here). Two fixed policies instead of that drift (`EDGE_UNISD_HEAP`
   batch of ~800 tokens (800 x 1536 floats, 5 MB): on 2 AVX2 cores the `sd` student stage took
   6.8-7.0 instead of 7.4-7.7 s at batch 8 x 64 and 24.7 instead of 28.0 s at 8 x 256 (medians, the
   two thresholds alternating on one batch in one process); the peak of an `edge` step at 8 x 256
-  (bench/memory.py) rose from 1.62 to 2.06 GB. glibc's largest threshold, 32 MiB, was tried too:
+  (bench/memory.py) rose from 1.62 to 2.00-2.06 GB. glibc's largest threshold, 32 MiB, was tried too:
   the student stage at 8 x 256 took 12.8 instead of 13.9 s on another CPU, but the step peaked at
   2.55 GB (the heap fragments around larger blocks).
 - `lean`: every block over 64 KiB is mmapped and unmapped on free, as MALLOC_MMAP_THRESHOLD_=65536

@@ -171,6 +171,12 @@ def test_dora_adapters_are_refused_for_lora_gguf(tiny_llama_adapter, tmp_path):
         lg.write_lora(bad, ge.ModelShape("llama", 2, 4, 2), tmp_path / "x.gguf")
 
 
+def test_lora_gguf_refuses_a_quantised_dtype_and_writes_nothing(tiny_llama_adapter, tmp_path):
+    with pytest.raises(ge.ExportError, match="dtype 'q8_0'.*f32 or f16"):
+        lg.write_lora(tiny_llama_adapter, ge.ModelShape("llama", 2, 4, 2), tmp_path / "x.gguf", dtype="q8_0")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_k_quant_runs_in_a_child_process_and_a_timeout_leaves_nothing(tmp_path, tiny_llama):
     src = ge.write_merged_from_hf(tiny_llama, merge_adapter(tiny_llama, None).state_dict(), tmp_path / "f16.gguf",
                                   "f16")
