@@ -377,8 +377,10 @@ class LlamaCppRollout:
     def _logits(self, at: Sequence[int]) -> torch.Tensor:
         """The last decode's logits of batch positions `at`, one row each, copied out of llama.cpp's buffer."""
         ll, ctx, n_vocab = self._ll, self._held["ctx"], self._llm.n_vocab()
-        rows = [np.ctypeslib.as_array(ll.llama_get_logits_ith(ctx, i), shape=(n_vocab,)) for i in at]
-        return torch.from_numpy(np.stack(rows))
+        pointers = [ll.llama_get_logits_ith(ctx, i) for i in at]
+        if not all(pointers):
+            raise RolloutBackendError(f"{self.base_gguf}: llama.cpp returned no logits for batch positions {list(at)}")
+        return torch.from_numpy(np.stack([np.ctypeslib.as_array(p, shape=(n_vocab,)) for p in pointers]))
 
     def _prefill_shared_prefix(self, batch, prompts: Sequence[Sequence[int]], shared: int) -> None:
         """Clear the KV cache, decode the prompts' first `shared` tokens (`_shared_length`: the chat

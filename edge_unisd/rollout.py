@@ -104,6 +104,10 @@ def inverse_cdf_draw(weights_R_V: torch.Tensor, u_R: torch.Tensor, block: int = 
     padded_R_V = torch.nn.functional.pad(weights_R_V, (0, pad)) if pad else weights_R_V
     blocks_R_N_K = padded_R_V.view(rows, -1, block)
     ends_R_N = blocks_R_N_K.sum(-1).double().cumsum(-1)  # 1024 terms in float32: rounding ~1e-6 of a block
+    broken = ~(torch.isfinite(ends_R_N[:, -1]) & (ends_R_N[:, -1] > 0))
+    if broken.any():  # HF's multinomial refuses these too: a NaN model or every token banned
+        raise ValueError(f"rows {broken.nonzero().flatten().tolist()} have no finite, positive next-token mass "
+                         "to sample from (NaN or infinite logits, or every token banned)")
     target_R_1 = (u_R.to(torch.float64) * ends_R_N[:, -1]).unsqueeze(-1)
     # the block holding the target; rounding can put a target at the very end: take the last non-empty block
     last_R = (ends_R_N < ends_R_N[:, -1:]).sum(-1)

@@ -168,3 +168,12 @@ def test_inverse_cdf_draw_is_the_first_entry_past_u_of_the_mass_and_never_a_zero
             drawn = inverse_cdf_draw(weights_R_V, u_R, block=block)
             assert torch.equal(drawn, expected.clamp(max=9)), (u, block)
             assert (weights_R_V.gather(-1, drawn[:, None]) > 0).all()
+
+
+def test_a_row_with_nothing_to_sample_is_a_clear_error():
+    logits_R_V = torch.randn(3, 20)
+    logits_R_V[1, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"rows \[1\]"):
+        sample_next_tokens(logits_R_V, temperature=1.0)
+    with pytest.raises(ValueError, match="every token banned"):
+        sample_next_tokens(torch.randn(2, 3), temperature=1.0, banned=[0, 1, 2])
