@@ -192,7 +192,7 @@ class LlamaCppRollout:
     `n_ctx` bounds one row's prompt + completion tokens; `n_threads` defaults to torch's thread count.
     `weights` picks what llama.cpp holds (f16 copy, q8_0 copy, or the base file; `rollout_weights_file`);
     `base_gguf` is then that file.
-    `totals` accumulates seconds per phase (adapter save/write/load, generate) and tokens generated.
+    `totals` accumulates seconds per phase (adapter tensors read, GGUF written, loaded; generate) and tokens generated.
     """
 
     def __init__(self, base_gguf: str | Path, tokenizer, *, n_ctx: int = 2048, n_threads: int | None = None,
@@ -215,7 +215,7 @@ class LlamaCppRollout:
         self._held: dict = {"ctx": None, "adapter": None}
         self._ctx_rows = self._ctx_cells = 0  # what the held context holds: sequences, KV cells for all of them
         self._finalizer = weakref.finalize(self, _release, self._ll, self._llm, self._held)
-        self.totals = {"adapter_save": 0.0, "adapter_write": 0.0, "adapter_load": 0.0, "generate": 0.0,
+        self.totals = {"adapter_tensors": 0.0, "adapter_write": 0.0, "adapter_load": 0.0, "generate": 0.0,
                        "calls": 0, "tokens": 0}
 
     def _model_shape(self) -> ModelShape:
@@ -308,7 +308,7 @@ class LlamaCppRollout:
             adapter = self._ll.llama_adapter_lora_init(self._llm.model, str(out).encode())
             if not adapter:
                 raise RolloutBackendError(f"llama.cpp refused the LoRA GGUF of adapter {name!r} for {self.base_gguf}")
-            self.totals["adapter_save"] += t1 - t0
+            self.totals["adapter_tensors"] += t1 - t0
             self.totals["adapter_write"] += t2 - t1
             self.totals["adapter_load"] += time.perf_counter() - t2
         return adapter
