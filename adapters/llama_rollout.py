@@ -361,8 +361,9 @@ class LlamaCppRollout:
             at = _fill(batch, [(r, prompts[r][shared:], shared) for r in active])
             self._decode(batch, "prefill")
             rows: list[list[int]] = [[] for _ in prompts]
+            eos_ids = sorted(eos)
             for t in range(max_new_tokens):
-                tokens = draw(self._logits(at), sorted(eos) if t < min_new_tokens else ())
+                tokens = draw(self._logits(at), eos_ids if t < min_new_tokens else ())
                 for r, token in zip(active, tokens.tolist(), strict=True):
                     rows[r].append(token)
                 active = [r for r in active if rows[r][-1] not in eos]

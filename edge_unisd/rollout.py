@@ -82,10 +82,7 @@ def sample_next_tokens(logits_R_V: torch.Tensor, *, temperature: float, top_p: f
     10 ms for 8 x 49k on 2 cores, longer than the decode step it follows). (R, V) float -> (R,) long
     """
     if temperature <= 0:
-        if banned:
-            logits_R_V = logits_R_V.index_fill(-1, torch.tensor(list(banned), device=logits_R_V.device),
-                                               float("-inf"))
-        return logits_R_V.argmax(-1)
+        return warp_logits(logits_R_V, temperature=1.0, banned=banned).argmax(-1)  # the ban, and nothing else
     weights_R_V = warp_logits(logits_R_V, temperature=temperature, top_p=top_p, banned=banned)
     weights_R_V = weights_R_V.sub_(weights_R_V.amax(-1, keepdim=True)).exp_()  # softmax up to its sum
     u_R = torch.rand(weights_R_V.shape[0], generator=generator, dtype=torch.float64, device=weights_R_V.device)
@@ -114,10 +111,10 @@ def inverse_cdf_draw(weights_R_V: torch.Tensor, u_R: torch.Tensor, block: int = 
     n_R = torch.minimum(torch.searchsorted(ends_R_N, target_R_1, right=True).squeeze(-1), last_R)
     before_R_1 = torch.where(n_R > 0, ends_R_N.gather(-1, (n_R - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1),
                              0.0).unsqueeze(-1)
-    within_R_K = blocks_R_N_K[torch.arange(rows, device=n_R.device), n_R].double().cumsum(-1)
+    chosen_R_K = blocks_R_N_K[torch.arange(rows, device=n_R.device), n_R]
+    within_R_K = chosen_R_K.double().cumsum(-1)
     # last entry of weight > 0 in the block: the answer when rounding leaves the target past the block's sum
-    nonzero_R_K = blocks_R_N_K[torch.arange(rows, device=n_R.device), n_R] > 0
-    last_k_R = block - 1 - nonzero_R_K.flip(-1).int().argmax(-1)
+    last_k_R = block - 1 - (chosen_R_K > 0).flip(-1).int().argmax(-1)
     k_R = torch.searchsorted(within_R_K, target_R_1 - before_R_1, right=True).squeeze(-1)
     return n_R * block + torch.minimum(k_R, last_k_R)
 
