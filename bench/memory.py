@@ -111,7 +111,8 @@ def main() -> None:
     result = {
         "model": "SmolLM2-135M-Instruct (fp32, CPU)", "preset": args.preset, "batch": args.batch,
         "completion_tokens": report.tokens["completion"], "view_items": report.tokens["view_items"],
-        "gradient_checkpointing": not args.no_checkpointing, "chunk_tokens": cfg.chunk_tokens,
+        "gradient_checkpointing": not args.no_checkpointing, "activation_budget_mb": cfg.activation_budget_mb,
+        "kept_layers": trainer.kept_layers, "chunk_tokens": cfg.chunk_tokens,
         "rss_after_load_gb": round(rss_loaded, 3), "peak_rss_gb": round(peak_rss_gb(), 3),
         "peak_rss_gb_by_stage": stage_peaks, "step_seconds": round(seconds, 2),
         "stage_seconds": {k: round(v, 2) for k, v in report.stage_seconds.items()},

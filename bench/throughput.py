@@ -194,10 +194,12 @@ def views_per_batch(batch: int, fraction: float) -> int:
 
 def method_overrides(*, batch: int, tokens: int, lora_rank: int, lr: float = 1e-4, seed: int = 0,
                      gradient_checkpointing: bool = True, temperature: float = 1.0,
-                     rollout_backend: str = "hf") -> dict[str, Any]:
+                     rollout_backend: str = "hf", activation_budget_mb: int | None = None) -> dict[str, Any]:
     """MethodConfig overrides shared by every bench run: exactly `tokens` completion tokens per item,
-    one micro-batch per step, sampling at `temperature` with no top-p (as TRL's SDFT defaults)."""
-    return {"seed": seed, "gradient_checkpointing": gradient_checkpointing,
+    one micro-batch per step, sampling at `temperature` with no top-p (as TRL's SDFT defaults).
+    `activation_budget_mb` None keeps the config's default."""
+    budget = {} if activation_budget_mb is None else {"activation_budget_mb": activation_budget_mb}
+    return {"seed": seed, "gradient_checkpointing": gradient_checkpointing, **budget,
             "rollout": {"max_new_tokens": tokens, "min_new_tokens": tokens, "temperature": temperature, "top_p": 1.0,
                         "backend": rollout_backend},
             "optim": {"batch_size": batch, "micro_batch_size": batch, "lr": lr, "weight_decay": 0.0,
@@ -345,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="alternate steps with --view-fraction and with none (edge) and print the cost ratio")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--no-checkpointing", action="store_true", help="keep decoder activations (more memory)")
+    p.add_argument("--activation-budget-mb", type=int, default=None,
+                   help="MB of decoder activations kept instead of recomputed (default: the config's)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: every CPU)")
@@ -373,7 +377,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     load_start = limit.load_average()
     cfg = load_method_config(args.preset, method_overrides(
         batch=args.batch, tokens=args.tokens, lora_rank=args.lora_rank,
-        gradient_checkpointing=not args.no_checkpointing, rollout_backend=args.rollout_backend))
+        gradient_checkpointing=not args.no_checkpointing, rollout_backend=args.rollout_backend,
+        activation_budget_mb=args.activation_budget_mb))
     if args.compare_views and not (cfg.uses_views and cfg.agreement_routing == "given"):
         raise SystemExit(f"--compare-views needs a preset that routes K views to given items (edge), "
                          f"not {args.preset!r}")
@@ -421,8 +426,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                      "view_items_per_step": views_per_batch(args.batch, args.view_fraction)
                      if cfg.agreement_routing == "given" else (args.batch if cfg.uses_views else 0),
                      "num_views": cfg.num_views, "lora_rank": args.lora_rank,
-                     "gradient_checkpointing": cfg.gradient_checkpointing, "chunk_tokens": cfg.chunk_tokens,
-                     "rollout_backend": args.rollout_backend},
+                     "gradient_checkpointing": cfg.gradient_checkpointing,
+                     "activation_budget_mb": cfg.activation_budget_mb, "kept_layers": trainer.kept_layers,
+                     "chunk_tokens": cfg.chunk_tokens, "rollout_backend": args.rollout_backend},
         "rollout_backend_totals": dict(backend.totals) if backend else None,
         **summary,
         "peak_rss_gb": peak_rss_gb(), "rss_after_load_gb": rss_loaded, "peak_rss_at_load_gb": peak_at_load,
@@ -450,6 +456,9 @@ def print_table(r: Mapping[str, Any]) -> None:
         print(f"{'  ' + stage:24s} {sec / max(1, r['steps']):7.2f} s/step  {r['stage_share'][stage]:5.1%}  "
               f"{_fmt(r['stage_tokens_per_s'][stage], '.0f'):>7s} tokens/s")
     mem = f"peak RSS {r['peak_rss_gb']:.2f} GB (after load {r['rss_after_load_gb']:.2f})"
+    if s.get("gradient_checkpointing"):
+        mem += (f"   activations of {s['kept_layers']}/{r['model']['layers']} layers kept"
+                f" ({s['activation_budget_mb']} MB budget)")
     if r["peak_cuda_gb"] is not None:
         mem += f"   peak CUDA {r['peak_cuda_gb']:.2f} GB"
     print(f"{'memory':24s} {mem}")

@@ -96,6 +96,9 @@ class MethodConfig(_Strict):
                               description="rows (batch x positions) per vocabulary chunk: bounds logits memory "
                                           "(128 x 49k fp32 = 25 MB per buffer)")
     gradient_checkpointing: bool = Field(True, description="recompute decoder activations in backward (memory)")
+    activation_budget_mb: int = Field(
+        512, ge=0, le=1 << 20, description="with gradient_checkpointing: MB of decoder activations kept per step "
+                                           "instead of recomputed, last layers first (0: recompute every layer)")
     seed: int = Field(0, ge=0, description="seed for rollouts, views and data order")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     rollout: RolloutSettings = Field(default_factory=RolloutSettings)

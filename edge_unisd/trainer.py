@@ -22,6 +22,7 @@ import torch
 
 from edge_unisd.atomic_io import atomic_path
 from edge_unisd.attention import use_gqa_attention
+from edge_unisd.checkpointing import apply_activation_budget
 from edge_unisd.config import MethodConfig
 from edge_unisd.heap import configure_heap, release_free_memory
 from edge_unisd.items import Item
@@ -136,6 +137,7 @@ class UniSDTrainer:
         self.total_steps = max(1, total_steps)
         if cfg.gradient_checkpointing:
             causal_lm(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.kept_layers = 0  # decoder layers whose activations the last student forward kept (not recomputed)
         self.ema = EmaAdapter(model, cfg.ema_decay, cfg.ema_every) if cfg.teacher == "ema" else None
         fuse_lora_layers(model)  # one addmm per LoRA layer instead of matmul, scale and add (edge_unisd.lora_fused)
         use_gqa_attention(model)  # CPU attention on the grouped KV heads, no per-head K/V copies (edge_unisd.attention)
@@ -226,6 +228,13 @@ class UniSDTrainer:
             return self.rollout_backend.generate(self.model, prompts, **kw)
         return generate_completions(self.model, self.tokenizer, prompts, **kw)
 
+    def _student_hidden(self, prompts: list[list[int]], rollout: Rollout) -> torch.Tensor:
+        """The student's training forward, recomputing only the layers the activation budget does not cover."""
+        if self.cfg.gradient_checkpointing:
+            tokens = len(prompts) * (max(map(len, prompts)) + rollout.completion_ids.shape[1] - 1)  # as padded
+            self.kept_layers = apply_activation_budget(self.model, tokens, self.cfg.activation_budget_mb << 20)
+        return completion_hidden(self.model, prompts, rollout, self.pad_id)
+
     def _distill_micro_step(self, items: Sequence[Item], view_item_ids: Collection[str], scale: float,
                             timer: _StageTimer) -> dict:
         cfg, model = self.cfg, self.model
@@ -255,7 +264,7 @@ class UniSDTrainer:
         # --- student forward + loss + backward ---
         with timer.run("student"):
             model.train()
-            student_h_B_L_H = completion_hidden(model, student_prompts, rollout, self.pad_id)
+            student_h_B_L_H = self._student_hidden(student_prompts, rollout)
             terms = chunked_distill_terms(student_h_B_L_H, teacher_h_B_L_H, lm_head_of(model), tokens_B_L,
                                           kind=cfg.divergence, beta=cfg.jsd_beta, temperature=cfg.temperature,
                                           chunk_tokens=cfg.chunk_tokens, logps_grad=neg_logps is not None)
@@ -352,7 +361,7 @@ class UniSDTrainer:
             packed = pack_completions(targets, self.pad_id, self.eos_id, self.device)
         with timer.run("student"):
             model.train()
-            h = completion_hidden(model, self._prompts(items, [None] * len(items)), packed, self.pad_id)
+            h = self._student_hidden(self._prompts(items, [None] * len(items)), packed)
             logps = chunked_token_logps(h, lm_head_of(model), packed.completion_ids, chunk_tokens=cfg.chunk_tokens)
             nll = weighted_token_mean(-logps, packed.completion_mask)
             (nll * scale).backward()
