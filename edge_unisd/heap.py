@@ -20,7 +20,8 @@ batch 8 x 256 here). Two fixed policies instead of that drift (`EDGE_UNISD_HEAP`
   glibc trims the heap whenever more than M_TRIM_THRESHOLD (128 KiB) lies free at its top, so the
   next activation grows it again on fresh, zero-filled pages. `fast` raises that threshold to
   1 GiB and leaves the trimming to `release_free_memory` after the step: the `sd` student stage at
-  8 x 64 took 18 K instead of 159 K page faults a step (0.11 instead of 0.53 s of system time).
+  8 x 64 took 18 K instead of 159 K page faults a step (0.11 instead of 0.53 s of system time;
+  its wall time moved less than this 2-core machine's noise).
 - `lean`: every block over 64 KiB is mmapped and unmapped on free, as MALLOC_MMAP_THRESHOLD_=65536
   would do: the lowest peak, paid for in page faults.
 """

@@ -22,7 +22,7 @@ import torch
 
 from edge_unisd.atomic_io import atomic_path
 from edge_unisd.attention import use_gqa_attention
-from edge_unisd.checkpointing import apply_activation_budget
+from edge_unisd.checkpointing import apply_activation_budget, checkpointable_layers
 from edge_unisd.config import MethodConfig
 from edge_unisd.heap import configure_heap, release_free_memory
 from edge_unisd.items import Item
@@ -137,7 +137,8 @@ class UniSDTrainer:
         self.total_steps = max(1, total_steps)
         if cfg.gradient_checkpointing:
             causal_lm(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.kept_layers = 0  # decoder layers whose activations the last student forward kept (not recomputed)
+        # decoder layers whose activations the last student forward kept instead of recomputing them
+        self.kept_layers = 0 if cfg.gradient_checkpointing else len(checkpointable_layers(model))
         self.ema = EmaAdapter(model, cfg.ema_decay, cfg.ema_every) if cfg.teacher == "ema" else None
         fuse_lora_layers(model)  # one addmm per LoRA layer instead of matmul, scale and add (edge_unisd.lora_fused)
         use_gqa_attention(model)  # CPU attention on the grouped KV heads, no per-head K/V copies (edge_unisd.attention)

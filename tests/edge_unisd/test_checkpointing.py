@@ -135,6 +135,9 @@ def test_the_trainer_keeps_what_its_budget_covers_and_learns_the_same(tokenizer)
         report = trainer.step(items)
         results[budget_mb] = (trainer.kept_layers, report.loss, lora_parameters(trainer.model, "default"))
     assert results[0][0] == 0 and results[1024][0] == LAYERS
+    unchecked = UniSDTrainer(copy.deepcopy(base), tokenizer, cfg.model_copy(update={"gradient_checkpointing": False}),
+                             total_steps=1)
+    assert unchecked.kept_layers == LAYERS
     assert results[0][1] == pytest.approx(results[1024][1], rel=1e-5)
     moved = [name for name, p in results[0][2].items() if "lora_B" in name and p.abs().max() > 0]
     assert moved, "the step must change the adapter (a fresh B is zero) for the comparison to mean anything"
