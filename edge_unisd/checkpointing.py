@@ -5,9 +5,10 @@ keeping every layer's activations costs ~42 KB per token per layer for SmolLM2-1
 batch of 8 x 108 tokens). Between the two, the activations of the last k layers are kept, k as many
 as `activation_budget_mb` covers for this batch's token count, and only the others are recomputed.
 The last layers are the ones kept because backward frees them first, before any recompute starts.
-Measured on 2 AVX2 cores, `sd` at batch 8 x 64 (alternating in one process): 16 of 30 layers kept
-took the student stage from 7.1 to 6.2 s for a step peak of 2.49 GB against 2.0 GB; none kept, 5.9
--> 4.8 s for 3.08 GB (above TRL's 2.70 GB on the same work, bench/vs_trl.py).
+Measured on 2 AVX2 cores, `sd` at batch 8 x 64 (alternating in one process): the default 512 MB
+keeps 14 of 30 layers and took the student stage from 6.10 to 5.71 s for a step peak of 2.45 GB
+against 2.00 GB; every layer kept, 5.93 -> 4.82 s for 3.08 GB (above TRL's 2.70-2.89 GB on the
+same work, bench/vs_trl.py).
 
 The estimate counts what autograd saves in a LLaMA-style layer with LoRA on every linear layer:
 seven hidden-size tensors (the layer input, both RMSNorm outputs, the rotated queries, attention's
