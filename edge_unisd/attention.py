@@ -22,6 +22,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from edge_unisd.scoring import causal_lm
+
 NAME = "edge_unisd_gqa_sdpa"
 
 
@@ -56,7 +58,7 @@ def use_gqa_attention(model) -> bool:
     Only a model on `sdpa` with grouped KV heads is switched (eager or flash chosen by a user stays);
     True if it now runs this path. Idempotent.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = causal_lm(model)
     config = getattr(base, "config", None)
     if config is None or not hasattr(base, "set_attn_implementation"):
         return False

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from edge_unisd.scoring import causal_lm
+
 HIDDEN_TENSORS, KV_TENSORS, INTERMEDIATE_TENSORS = 7, 2, 4
 
 
@@ -65,7 +67,7 @@ def apply_activation_budget(model, tokens: int, budget_bytes: int) -> int:
     layers = checkpointable_layers(model)
     if not layers or not all(hasattr(layer, "_gradient_checkpointing_func") for layer in layers):
         return len(layers)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = causal_lm(model)
     dtype = next(p.dtype for p in base.parameters() if p.is_floating_point())
     keep = layers_to_keep(budget_bytes, tokens, activation_bytes_per_token_layer(base.config, dtype), len(layers))
     for i, layer in enumerate(layers):
