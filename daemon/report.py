@@ -58,6 +58,7 @@ class RoundPoint:
     weight_mean: float | None
     weight_min: float | None
     clip_fraction: float | None
+    kd_kept: float | None = None  # share of the distillation signal the weights kept (older rounds: None)
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,8 @@ def _round_point(r: Round) -> RoundPoint | None:
              if v is not None}
     return RoundPoint(id=r.id, status=r.status, preset=r.preset, loss_mean=_num(loss.get("mean")),
                       terms=terms, weight_mean=_num(loss.get("weight_mean")),
-                      weight_min=_num(loss.get("weight_min")), clip_fraction=_num(loss.get("clip_fraction")))
+                      weight_min=_num(loss.get("weight_min")), clip_fraction=_num(loss.get("clip_fraction")),
+                      kd_kept=_num(loss.get("kd_kept")))
 
 
 def read_history(store: Store) -> History:
@@ -194,6 +196,7 @@ def plot_rounds(rounds: Sequence[RoundPoint]) -> bytes | None:
                      label="total loss" if key == "loss" else key, linewidth=1.6 if key == "loss" else 1.0)
     for label, ys, style in (("weight mean", [r.weight_mean for r in rounds], dict(color="tab:blue")),
                              ("weight min", [r.weight_min for r in rounds], dict(color="tab:orange")),
+                             ("KD signal kept", [r.kd_kept for r in rounds], dict(color="tab:green")),
                              ("clipped share", [r.clip_fraction for r in rounds],
                               dict(color="tab:gray", linestyle=":"))):
         if any(y is not None for y in ys):

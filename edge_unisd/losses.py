@@ -144,6 +144,20 @@ def weighted_token_mean(per_token: torch.Tensor, mask: torch.Tensor,
     return (per_seq_B * has_tokens).sum() / has_tokens.sum().clamp_min(1)
 
 
+def kept_signal_share(per_token: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None) -> float:
+    """How much of the distillation signal the reliability weights keep: weighted / unweighted token mean.
+
+    1.0 without weights. Near the weight mean when the weights ignore ℓ_t; far below it when they fall on
+    the tokens where the teacher has most to teach (high ℓ_t), which is what slows a short run's learning.
+    """
+    if weights is None:
+        return 1.0
+    plain = weighted_token_mean(per_token, mask)
+    if float(plain) <= 0.0:
+        return 1.0
+    return float(weighted_token_mean(per_token, mask, weights) / plain)
+
+
 def contrastive_margin_loss(student_logps: torch.Tensor, pos_logps: torch.Tensor, neg_logps: torch.Tensor,
                             mask: torch.Tensor, margin: float = 0.5) -> torch.Tensor:
     """masked mean of relu(margin + |log p_S - log p_T+| - |log p_S - log p_T-|) on sampled tokens. (B,T)x3 -> ()"""

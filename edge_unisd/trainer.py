@@ -31,6 +31,7 @@ from edge_unisd.losses import (
     clip_cap,
     contrastive_margin_loss,
     feature_matching_loss,
+    kept_signal_share,
     sequence_agreement_weights,
     token_agreement_weights,
     weighted_token_mean,
@@ -209,12 +210,13 @@ class UniSDTrainer:
         terms = {k: sums.get(k, 0.0) for k in ("kd", "contrastive", "feature", "sft")}
         report = StepReport(
             step=self.step_count, lr=lr, loss=sums.get("loss", 0.0), terms=terms,
-            weights={"mean": sums.get("weight_mean", 1.0), "min": sums.get("weight_min", 1.0)},
+            weights={"mean": sums.get("weight_mean", 1.0), "min": sums.get("weight_min", 1.0),
+                     "kd_kept": sums.get("kd_kept", 1.0)},
             clip_fraction=sums.get("clip_fraction", 0.0), grad_norm=grad_norm, tokens=tokens,
             stage_seconds=timer.seconds, item_uncertainty=uncertainty, item_entropy=entropy)
-        log.info("step %d loss %.4f kd %.4f w_mean %.3f w_min %.3f clipped %.3f tokens %d",
+        log.info("step %d loss %.4f kd %.4f w_mean %.3f w_min %.3f kd_kept %.3f clipped %.3f tokens %d",
                  report.step, report.loss, terms["kd"], report.weights["mean"], report.weights["min"],
-                 report.clip_fraction, tokens["completion"])
+                 report.weights["kd_kept"], report.clip_fraction, tokens["completion"])
         return report
 
     def _prompts(self, items: Sequence[Item], contexts: Sequence[str | None]) -> list[list[int]]:
@@ -278,6 +280,7 @@ class UniSDTrainer:
                     clip_fraction = float(clipped.sum() / mask_B_L.sum().clamp_min(1))
                     div_B_L = div_B_L.clamp(max=cap)
             kd = weighted_token_mean(div_B_L, mask_B_L, weights)
+            kd_kept = kept_signal_share(div_B_L.detach(), mask_B_L, weights)
             loss = kd
             con = torch.zeros((), device=self.device)
             if neg_logps is not None:
@@ -297,7 +300,7 @@ class UniSDTrainer:
         per_item_ent = ((terms.student_entropy * m).sum(-1) / m.sum(-1).clamp_min(1)).tolist()
         return {
             "sums": {"loss": loss.item(), "kd": kd.item(), "contrastive": con.item(), "feature": feat.item(),
-                     "weight_mean": weight_mean, "clip_fraction": clip_fraction},
+                     "weight_mean": weight_mean, "kd_kept": kd_kept, "clip_fraction": clip_fraction},
             "weight_min": weight_min,
             "tokens": {"completion": rollout.num_tokens, "view_items": len(routed), "negative_items": len(neg_idx),
                        # completion tokens rescored by the K views: what the cost model charges views for

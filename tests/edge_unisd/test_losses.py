@@ -15,6 +15,7 @@ from edge_unisd.losses import (
     clip_divergence,
     contrastive_margin_loss,
     feature_matching_loss,
+    kept_signal_share,
     masked_mean,
     masked_nll,
     sampled_token_logps,
@@ -358,6 +359,18 @@ def test_sequence_weight_halves_contribution_and_does_not_cancel():
     assert_close(_sum_w_normalised(PER_TOKEN, MASK, w_B), weighted_token_mean(PER_TOKEN, MASK))
     half_everywhere = weighted_token_mean(PER_TOKEN, MASK, torch.tensor([0.5, 0.5]))
     assert_close(half_everywhere, 0.5 * weighted_token_mean(PER_TOKEN, MASK))
+
+
+def test_kept_signal_share_tells_where_the_weights_fall():
+    assert kept_signal_share(PER_TOKEN, MASK, None) == 1.0
+    # the same weight mean (0.5 over the 5 real tokens), put on the low or on the high divergences
+    on_low = torch.tensor([[1.0, 1.0, 0.0], [0.5, 0.0, 0.0]])
+    on_high = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.5, 9.0]])
+    low, high = kept_signal_share(PER_TOKEN, MASK, on_low), kept_signal_share(PER_TOKEN, MASK, on_high)
+    assert low == pytest.approx(((1 + 2) / 3 + 2 / 2) / 2 / 3.25)
+    assert high == pytest.approx((3 / 3 + 7.5 / 2) / 2 / 3.25)
+    assert low < 0.5 < high
+    assert kept_signal_share(PER_TOKEN, torch.zeros_like(MASK), on_low) == 1.0  # nothing to keep or lose
 
 
 def test_weighted_token_mean_all_masked_is_zero():

@@ -90,8 +90,10 @@ def test_every_preset_takes_a_step_and_logs_its_terms(tokenizer, preset):
         expected = len(items) if cfg.agreement_routing == "all" else 2
         assert report.tokens["view_items"] == expected and report.tokens["view_tokens"] > 0
         assert 0 < report.weights["min"] <= report.weights["mean"] <= 1
+        assert 0 < report.weights["kd_kept"] <= 1
     else:
-        assert report.tokens["view_items"] == 0 and report.weights == {"mean": 1.0, "min": 1.0}
+        assert report.tokens["view_items"] == 0
+        assert report.weights == {"mean": 1.0, "min": 1.0, "kd_kept": 1.0}
     if cfg.contrastive_weight and cfg.mode == "distill":
         assert report.tokens["negative_items"] == 2
     if cfg.feature_weight:
@@ -100,13 +102,15 @@ def test_every_preset_takes_a_step_and_logs_its_terms(tokenizer, preset):
 
 def test_gamma_changes_the_logged_weights(tokenizer):
     """Reference defect 3: with γ=0.001 the weights sit at ~1; with γ=1 the agreement term acts."""
-    mins = {}
+    mins, kept = {}, {}
     for gamma in (0.001, 1.0):
         model = _peft(tokenizer)
         trainer = UniSDTrainer(model, tokenizer, _cfg("agreement-token", agreement_gamma=gamma), total_steps=1,
                                profile=PROFILE, pool=TRAIN)
-        mins[gamma] = trainer.step(TRAIN).weights["min"]
+        weights = trainer.step(TRAIN).weights
+        mins[gamma], kept[gamma] = weights["min"], weights["kd_kept"]
     assert mins[0.001] > 0.99 and mins[1.0] < 0.9
+    assert kept[0.001] > 0.99 and kept[1.0] < kept[0.001]  # down-weighting costs distillation signal
 
 
 def test_checkpoint_resume_reproduces_the_uninterrupted_round(tokenizer, tmp_path):
