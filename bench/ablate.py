@@ -42,7 +42,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402 - after the offline switches
 
 from budgets.planner import most_uncertain  # noqa: E402
-from daemon.evaluation import DEFAULT_MAX_RETENTION_JSD, EvalSettings, evaluate  # noqa: E402
+from daemon.evaluation import (  # noqa: E402
+    DEFAULT_FIT_TOLERANCE,
+    DEFAULT_MAX_RETENTION_JSD,
+    EvalSettings,
+    evaluate,
+    gate,
+)
 from edge_unisd.atomic_io import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
 from edge_unisd.config import PRESETS, load_method_config  # noqa: E402
 from edge_unisd.items import Item  # noqa: E402
@@ -107,11 +113,13 @@ def is_held_out(item_id: str, fraction: float = HELDOUT_FRACTION) -> bool:
     return int(hashlib.sha256(item_id.encode()).hexdigest()[:8], 16) / 0x1_0000_0000 < fraction
 
 
-def split_items(items: Sequence[Item], fraction: float = HELDOUT_FRACTION) -> tuple[list[Item], list[Item]]:
-    """(train, held-out) among the items with a reference answer, in file order."""
+def split_items(items: Sequence[Item], fraction: float = HELDOUT_FRACTION,
+                train_unreferenced: bool = False) -> tuple[list[Item], list[Item]]:
+    """(train, held-out), in file order. Held-out items are drawn from those with a reference answer (fit needs
+    one); `train_unreferenced` also trains on the items without one, as the daemon does with a user's prompts."""
     with_ref = [it for it in items if it.reference]
     heldout = [it for it in with_ref if is_held_out(it.id, fraction)]
-    train = [it for it in with_ref if not is_held_out(it.id, fraction)]
+    train = [it for it in items if (not is_held_out(it.id, fraction) if it.reference else train_unreferenced)]
     return train, heldout
 
 
@@ -248,6 +256,7 @@ def train_preset(base_model, tok, preset: str, train: Sequence[Item], heldout: S
         # over the tokens that got K views; presets without agreement weighting have none
         "weight_mean": (sum(r.weights["mean"] for r in reports) / len(reports)) if cfg.uses_views else None,
         "weight_min": min(r.weights["min"] for r in reports) if cfg.uses_views else None,
+        "kd_kept": (sum(r.weights["kd_kept"] for r in reports) / len(reports)) if cfg.uses_views else None,
         "clip_fraction": sum(r.clip_fraction for r in reports) / len(reports),
         "view_items": sum(r.tokens["view_items"] for r in reports),
         "completion_tokens": sum(r.tokens["completion"] for r in reports),
@@ -303,6 +312,22 @@ def claim_verdict(rows: Mapping[str, Mapping[str, Any]], *, bound: float,
     return {"holds": True, "failures": [], "claim": claim, "line": f"Yes: {claim}{tail}."}
 
 
+def gate_rows(rows: Sequence[dict[str, Any]], *, bound: float, fit_tolerance: float = DEFAULT_FIT_TOLERANCE) -> None:
+    """Add to each trained row what the daemon's gate would do with that adapter against the base:
+    `gate_promote` and `gate_reason`. A rejected version never reaches the user, whatever its fit."""
+    base = next((r for r in rows if r["preset"] == BASE), None)
+    for r in rows:
+        if r["preset"] == BASE or base is None:
+            continue
+        verdict = gate(base, r, max_retention_jsd=bound, fit_tolerance=fit_tolerance)
+        r["gate_promote"], r["gate_reason"] = verdict.promote, verdict.reason
+
+
+def best_promoted(rows: Sequence[Mapping[str, Any]]) -> str | None:
+    """The preset with the best held-out fit among those the gate would promote."""
+    return best_fit([r for r in rows if r.get("gate_promote")])
+
+
 # --- outputs -------------------------------------------------------------------------------------
 
 def best_fit(rows: Sequence[Mapping[str, Any]]) -> str | None:
@@ -324,16 +349,18 @@ def markdown_table(result: Mapping[str, Any]) -> str:
         f"`{result['command']}`",
         "",
         f"{s['steps']} steps of batch {s['batch_size']} (LoRA r={s['lora_rank']}, lr {s['lr']:g}, "
-        f"seed {s['seed']}, {s['rollout_tokens']}-token rollouts) on {split['train']} training items; "
+        f"seed {s['seed']}, {s['rollout_tokens']}-token rollouts) on {split['train']} training items"
+        + (f" ({split['train_unreferenced']} without a reference answer: their teacher sees only the profile)"
+           if split.get("train_unreferenced") else "") + "; "
         f"metrics on {split['heldout_evaluated']} held-out items about the same facts "
         f"({split['heldout_checked']} with an answer check) and {s['general_prompts']} general prompts. "
         "Lower NLL and JSD are better; "
         f"**bold** marks the best held-out fit. `edge` gives the K={s['num_views']} views to the most "
         f"uncertain {EDGE_VIEW_FRACTION:.0%} of each batch.",
         "",
-        "| preset | held-out NLL | Δ vs base | retention JSD | accuracy | train s | peak RSS MiB "
-        "| w mean | w min | K-view items |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| preset | held-out NLL | Δ vs base | retention JSD | gate | accuracy | train s | peak RSS MiB "
+        "| w mean | w min | KD kept | K-view items |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         fit = _fmt(r["fit_nll"], ".3f")
@@ -342,14 +369,21 @@ def markdown_table(result: Mapping[str, Any]) -> str:
             fit, name = f"**{fit}**", f"**{name}**"
         delta = (r["fit_nll"] - base_fit) if r["fit_nll"] is not None and base_fit is not None else None
         acc = None if r["accuracy"] is None else 100 * r["accuracy"]
-        lines.append(f"| {name} | {fit} | {_fmt(delta, '+.3f')} | {_fmt(r['retention_jsd'], '.4f')} | "
+        promote = r.get("gate_promote")
+        verdict = "–" if promote is None else "promoted" if promote else "rejected"
+        lines.append(f"| {name} | {fit} | {_fmt(delta, '+.3f')} | {_fmt(r['retention_jsd'], '.4f')} | {verdict} | "
                      f"{_fmt(acc, '.0f')}{'%' if acc is not None else ''} | {r['train_seconds']:.1f} | "
                      f"{_fmt(r['peak_rss_mib'], '.0f')} | {_fmt(r['weight_mean'], '.3f')} | "
-                     f"{_fmt(r['weight_min'], '.3f')} | {r['view_items']} |")
+                     f"{_fmt(r['weight_min'], '.3f')} | {_fmt(r.get('kd_kept'), '.3f')} | {r['view_items']} |")
+    promoted = best_promoted(rows)
     lines += ["", f"**Verdict.** {result['verdict']['line']}", "",
+              "Gate: what the daemon would do with each adapter against the base (fit may not worsen by more "
+              f"than {DEFAULT_FIT_TOLERANCE:g}, retention JSD <= {s['max_retention_jsd']:g}). Best held-out fit "
+              f"among the versions it would promote: {promoted or 'none'}.", "",
               f"Retention bound: JSD vs base <= {s['max_retention_jsd']:g} nats/token (the gate's default). "
               f"Weights are the agreement weights over the tokens that got K views (– : no agreement "
-              f"weighting). Note: {RSS_NOTE}.",
+              "weighting); KD kept: the weighted distillation loss over the unweighted one, mean over steps. "
+              f"Note: {RSS_NOTE}.",
               "Base weights unchanged after every preset: "
               f"{'yes' if result['base_weights_unchanged'] else 'NO'}."]
     return "\n".join(lines) + "\n"
@@ -408,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-heldout", type=int, default=None, dest="max_heldout_items",
                    help="held-out items evaluated (default 32)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-items", choices=("referenced", "all"), default="referenced",
+                   help="referenced: train on the items with a reference answer (the teacher sees it); all: also "
+                        "on those without one, whose teacher sees only the profile (default referenced)")
     p.add_argument("--max-retention-jsd", type=float, default=DEFAULT_MAX_RETENTION_JSD,
                    help=f"retention bound of the verdict (default: the gate's {DEFAULT_MAX_RETENTION_JSD:g})")
     return p
@@ -431,7 +468,7 @@ def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
     progress("loading the base model..." if not args.tiny else "building a tiny random llama...")
     loaded = load_tiny(run.seed) if args.tiny else load_base()
     base_model, tok = loaded.model, loaded.tokenizer
-    train, heldout_all = split_items(load_sample_items())
+    train, heldout_all = split_items(load_sample_items(), train_unreferenced=args.train_items == "all")
     heldout = heldout_all[:run.max_heldout_items]
     checks, profile = load_checks(), load_profile()
     general = load_general_prompts()[:run.general_prompts]
@@ -458,6 +495,7 @@ def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
     base_fit = by_preset[BASE]["fit_nll"]
     for r in rows:
         r["fit_delta_vs_base"] = (r["fit_nll"] - base_fit) if None not in (r["fit_nll"], base_fit) else None
+    gate_rows(rows, bound=run.max_retention_jsd)
     argv = getattr(args, "argv", None)
     argv = sys.argv[1:] if argv is None else argv
     return {
@@ -468,10 +506,12 @@ def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
         "tiny": bool(args.tiny), "torch_threads": torch.get_num_threads(),
         "settings": {**asdict(run), "heldout_fraction": HELDOUT_FRACTION,
                      "edge_view_fraction": EDGE_VIEW_FRACTION},
-        "split": {"train": len(train), "heldout": len(heldout_all), "heldout_evaluated": len(heldout),
+        "split": {"train": len(train), "train_items": args.train_items,
+                  "train_unreferenced": sum(1 for it in train if not it.reference),
+                  "heldout": len(heldout_all), "heldout_evaluated": len(heldout),
                   "heldout_checked": sum(1 for it in heldout if checks.get(it.id)),
                   "heldout_ids": [it.id for it in heldout]},
-        "rows": rows, "best_fit": best_fit(rows),
+        "rows": rows, "best_fit": best_fit(rows), "best_promoted": best_promoted(rows),
         "verdict": claim_verdict(by_preset, bound=run.max_retention_jsd),
         "base_weights_unchanged": weights_checksum(base_model) == checksum,
         "rss_note": RSS_NOTE,

@@ -73,6 +73,9 @@ def test_markdown_and_plot(tiny_run):
                    for line in md.splitlines()), preset
     assert md.count("**") >= 4  # the best fit is marked (name and number)
     assert "**Verdict.** Not checked" in md
+    assert "| gate |" in md and "Best held-out fit among the versions it would promote" in md
+    rows = json.loads((tiny_run / "ablation.json").read_text())["rows"]
+    assert all(isinstance(r["gate_promote"], bool) and r["gate_reason"] for r in rows if r["preset"] != "base")
     png = tiny_run / "fit_vs_cost.png"
     assert png.read_bytes().startswith(PNG_MAGIC)
     for f in ("ablation.json", "ablation.md", "fit_vs_cost.png"):
@@ -142,3 +145,31 @@ def test_split_is_fixed_disjoint_and_keeps_only_referenced_items(ablate):
     assert all(i.reference for i in train + heldout)
     assert len(train) + len(heldout) == sum(1 for i in items if i.reference)
     assert 0.15 < len(heldout) / (len(train) + len(heldout)) < 0.35
+
+
+def test_split_can_train_on_unreferenced_items_without_touching_the_held_out_set(ablate):
+    from edge_unisd.sample_data import load_sample_items
+
+    items = load_sample_items()
+    train_ref, heldout = ablate.split_items(items)
+    train_all, heldout_all = ablate.split_items(items, train_unreferenced=True)
+    assert [i.id for i in heldout_all] == [i.id for i in heldout]  # the same held-out set either way
+    unreferenced = [i for i in items if not i.reference]
+    assert {i.id for i in train_all} == {i.id for i in train_ref} | {i.id for i in unreferenced}
+    assert not {i.id for i in train_all} & {i.id for i in heldout}
+
+
+def test_gate_column_says_what_the_daemon_would_promote(ablate):
+    rows = [{"preset": "base", "fit_nll": 3.0, "retention_jsd": 0.0},
+            {"preset": "sd", "fit_nll": 2.8, "retention_jsd": 0.05},
+            {"preset": "sft", "fit_nll": 2.5, "retention_jsd": 0.2},  # best fit, but drifts past the bound
+            {"preset": "ema", "fit_nll": 3.1, "retention_jsd": 0.01}]  # worse than the base beyond tolerance
+    ablate.gate_rows(rows, bound=0.1)
+    by = {r["preset"]: r for r in rows}
+    assert "gate_promote" not in by["base"]
+    assert by["sd"]["gate_promote"] is True
+    assert by["sft"]["gate_promote"] is False
+    assert "retention JSD vs base 0.2000 > bound 0.1" in by["sft"]["gate_reason"]
+    assert by["ema"]["gate_promote"] is False and "held-out fit" in by["ema"]["gate_reason"]
+    assert ablate.best_fit(rows) == "sft"
+    assert ablate.best_promoted(rows) == "sd"
