@@ -128,6 +128,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # static imitation baseline: NLL of references (or of the teacher's own completion where none)
     "sft": {"mode": "sft"},
     "ema": {**_SD, "teacher": "ema"},
+    # the student's own live adapter teaches: a moving teacher without the EMA's guard (what `ema` protects against)
+    "live": {**_SD, "teacher": "live"},
     "clip": {**_SD, "clip": True, "clip_cap": 10.0},
     "agreement-token": {**_SD, "agreement": "token"},
     "agreement-seq": {**_SD, "agreement": "sequence"},

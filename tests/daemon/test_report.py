@@ -37,7 +37,8 @@ def _metrics(before_fit: float, after_fit: float, jsd: float, promote: bool) -> 
 
 def _loss(kd: float, w_mean: float, w_min: float) -> dict:
     return {"first": kd + 0.5, "last": kd, "mean": kd + 0.1, "weight_mean": w_mean, "weight_min": w_min,
-            "clip_fraction": 0.02, "terms_mean": {"kd": kd, "contrastive": 0.3, "feature": 0.05, "sft": 0.0}}
+            "kd_kept": 0.75, "clip_fraction": 0.02,
+            "terms_mean": {"kd": kd, "contrastive": 0.3, "feature": 0.05, "sft": 0.0}}
 
 
 @pytest.fixture
@@ -151,4 +152,5 @@ def test_rounds_without_a_loss_summary_are_skipped_and_bad_numbers_dropped(histo
     assert [p.id for p in points] == [1, 2, 3, 5]
     last = points[-1]
     assert last.loss_mean is None and last.terms == {} and last.weight_mean == 1.0
+    assert last.kd_kept is None and points[0].kd_kept == 0.75  # rounds stored before kd_kept still plot
     assert report.plot_rounds(points).startswith(PNG_MAGIC)

@@ -25,6 +25,7 @@ def test_single_component_presets_change_one_thing():
     sd = load_method_config("sd").model_dump()
     expected = {
         "ema": {"teacher": "ema"},
+        "live": {"teacher": "live"},
         "clip": {"clip": True},
         "agreement-token": {"agreement": "token"},
         "agreement-seq": {"agreement": "sequence"},
