@@ -368,7 +368,7 @@ def _loss_summary(reports: Sequence[Any]) -> dict[str, Any]:
             "mean": sum(r.loss for r in reports) / len(reports), "terms_mean": terms,
             "weight_mean": sum(r.weights["mean"] for r in reports) / len(reports),
             "weight_min": min(r.weights["min"] for r in reports),
-            "kd_kept": sum(r.weights.get("kd_kept", 1.0) for r in reports) / len(reports),
+            "kd_kept": sum(r.weights["kd_kept"] for r in reports) / len(reports),
             "clip_fraction": sum(r.clip_fraction for r in reports) / len(reports)}
 
 
