@@ -43,7 +43,7 @@ def activation_bytes_per_token_layer(config, dtype: torch.dtype) -> int:
 
 
 def layers_to_keep(budget_bytes: int, tokens: int, bytes_per_token_layer: int, num_layers: int) -> int:
-    """How many layers' activations fit the budget for a batch of `tokens` (padded) tokens, 0..num_layers."""
+    """How many layers' activations fit the budget for a batch of `tokens` decoder positions, 0..num_layers."""
     if budget_bytes <= 0 or tokens <= 0 or num_layers <= 0:
         return 0
     per_layer = max(1, tokens * bytes_per_token_layer)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from edge_unisd.attention import NAME as PER_ROW_ATTENTION
+from edge_unisd.attention import Segments
 from edge_unisd.losses import (
     chunk_divergence,
     entropy_from_logps,
@@ -25,6 +27,7 @@ from edge_unisd.losses import (
     pick_token_logps,
     sampled_token_logps,
 )
+from edge_unisd.packing import pack_completion_rows, unpack_rows
 from edge_unisd.rollout import Rollout, left_pad
 from edge_unisd.vocab_grad import (
     VocabScratch,
@@ -49,12 +52,53 @@ def decoder_of(model) -> torch.nn.Module:
     return lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
 
 
+def packs_rows(model) -> bool:
+    """Whether `model` runs padding-free batches: its attention is edge_unisd's per-row CPU path."""
+    lm = causal_lm(model)
+    config = getattr(lm, "config", None)
+    if getattr(config, "_attn_implementation", None) != PER_ROW_ATTENTION:
+        return False
+    return next(lm.parameters()).device.type == "cpu"
+
+
+def forward_tokens(model, prompts: Sequence[Sequence[int]], rollout: Rollout) -> int:
+    """Positions `completion_hidden` runs through the decoder for this batch: real tokens when packed."""
+    B, L = rollout.completion_ids.shape
+    if packs_rows(model):
+        packed_rows = pack_completion_rows(prompts, rollout.completion_ids, rollout.completion_mask)
+        if packed_rows is not None:
+            return packed_rows.num_tokens
+    return B * (max(map(len, prompts)) + L - 1)
+
+
+def _packed_completion_hidden(model, prompts: Sequence[Sequence[int]], rollout: Rollout, *,
+                              prefix=None, prefix_len: int = 0) -> torch.Tensor | None:
+    """`completion_hidden` over a padding-free (1, N) batch (edge_unisd.packing); None if it cannot pack.
+
+    With `prefix` (a batch-1 KV cache of `prefix_len` tokens) the prompts are the suffixes after it:
+    every row attends to the prefix, which is read and never copied or extended.
+    """
+    packed = pack_completion_rows(prompts, rollout.completion_ids, rollout.completion_mask, prefix_len)
+    if packed is None:
+        return None
+    B, L = rollout.completion_ids.shape
+    if not packed.bounds:  # no row has a completion token: nothing is read
+        lm = causal_lm(model)
+        return torch.zeros(B, L, lm.config.hidden_size, dtype=next(lm.parameters()).dtype,
+                           device=rollout.completion_ids.device)
+    out = decoder_of(model)(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None,
+                            use_cache=False, segments=Segments(packed.bounds, prefix))
+    return unpack_rows(out.last_hidden_state[0], packed.gather_B_L)
+
+
 def completion_hidden(model, prompts: Sequence[Sequence[int]], rollout: Rollout, pad_id: int,
                       max_batch: int | None = None) -> torch.Tensor:
     """Final-norm hidden states at the positions that predict each completion token. -> (B, L, H)
 
     Prompts are left-padded so they all end at column P; hidden[:, P-1+j] predicts completion[j].
-    Position ids come from the attention mask so padding never shifts RoPE positions.
+    Position ids come from the attention mask so padding never shifts RoPE positions. A model on
+    the per-row attention path runs the rows packed instead, padding-free (edge_unisd.packing);
+    positions with no completion token then hold zeros (every reader masks them out).
     Without gradient, `max_batch` runs the rows in sub-batches: teacher prompts carry long contexts
     and attention over them is the peak of a step's memory on CPU.
     """
@@ -65,6 +109,10 @@ def completion_hidden(model, prompts: Sequence[Sequence[int]], rollout: Rollout,
                                            rollout.completion_mask[i:i + max_batch]), pad_id)
                  for i in range(0, B, max_batch)]
         return torch.cat(parts, dim=0)
+    if packs_rows(model):
+        hidden = _packed_completion_hidden(model, prompts, rollout)
+        if hidden is not None:
+            return hidden
     device = rollout.completion_ids.device
     prompt_B_P, prompt_attn_B_P = left_pad(prompts, pad_id, device)
     P, L = prompt_B_P.shape[1], rollout.completion_ids.shape[1]
@@ -243,11 +291,17 @@ def completion_hidden_shared_prefix(model, prompts: Sequence[Sequence[int]], rol
     device = rollout.completion_ids.device
     prefix_kv = _prefix_cache(model, prompts[0][:shared], device, memo)
     step = max_batch or B
+    packed = packs_rows(model)
     parts = []
     for i in range(0, B, step):
         rows = slice(i, i + step)
         suffixes = [p[shared:] for p in prompts[rows]]
         completion, completion_mask = rollout.completion_ids[rows], rollout.completion_mask[rows]
+        hidden = (_packed_completion_hidden(model, suffixes, Rollout(completion, completion_mask), prefix=prefix_kv,
+                                            prefix_len=shared) if packed else None)
+        if hidden is not None:
+            parts.append(hidden)
+            continue
         b = len(suffixes)
         suffix_b_S, suffix_attn_b_S = left_pad(suffixes, pad_id, device)
         S = suffix_b_S.shape[1]

@@ -43,6 +43,7 @@ from edge_unisd.scoring import (
     chunked_token_logps,
     completion_hidden,
     completion_hidden_shared_prefix,
+    forward_tokens,
     lm_head_of,
     view_token_logps,
 )
@@ -234,7 +235,7 @@ class UniSDTrainer:
     def _student_hidden(self, prompts: list[list[int]], rollout: Rollout) -> torch.Tensor:
         """The student's training forward, recomputing only the layers the activation budget does not cover."""
         if self.cfg.gradient_checkpointing:
-            tokens = len(prompts) * (max(map(len, prompts)) + rollout.completion_ids.shape[1] - 1)  # as padded
+            tokens = forward_tokens(self.model, prompts, rollout)
             self.kept_layers = apply_activation_budget(self.model, tokens, self.cfg.activation_budget_mb << 20)
         return completion_hidden(self.model, prompts, rollout, self.pad_id)
 
