@@ -61,10 +61,10 @@ def packs_rows(model) -> bool:
     return next(lm.parameters()).device.type == "cpu"
 
 
-def forward_tokens(model, prompts: Sequence[Sequence[int]], rollout: Rollout) -> int:
+def forward_tokens(model, prompts: Sequence[Sequence[int]], rollout: Rollout, pack: bool | None = None) -> int:
     """Positions `completion_hidden` runs through the decoder for this batch: real tokens when packed."""
     B, L = rollout.completion_ids.shape
-    if packs_rows(model):
+    if pack is not False and packs_rows(model):
         packed_rows = pack_completion_rows(prompts, rollout.completion_ids, rollout.completion_mask)
         if packed_rows is not None:
             return packed_rows.num_tokens
@@ -92,13 +92,14 @@ def _packed_completion_hidden(model, prompts: Sequence[Sequence[int]], rollout: 
 
 
 def completion_hidden(model, prompts: Sequence[Sequence[int]], rollout: Rollout, pad_id: int,
-                      max_batch: int | None = None) -> torch.Tensor:
+                      max_batch: int | None = None, pack: bool | None = None) -> torch.Tensor:
     """Final-norm hidden states at the positions that predict each completion token. -> (B, L, H)
 
     Prompts are left-padded so they all end at column P; hidden[:, P-1+j] predicts completion[j].
     Position ids come from the attention mask so padding never shifts RoPE positions. A model on
     the per-row attention path runs the rows packed instead, padding-free (edge_unisd.packing);
-    positions with no completion token then hold zeros (every reader masks them out).
+    positions with no completion token then hold zeros (every reader masks them out). `pack=False`
+    forces the padded batch (for A/B benchmarks); None packs whenever the model can.
     Without gradient, `max_batch` runs the rows in sub-batches: teacher prompts carry long contexts
     and attention over them is the peak of a step's memory on CPU.
     """
@@ -106,10 +107,10 @@ def completion_hidden(model, prompts: Sequence[Sequence[int]], rollout: Rollout,
     if max_batch and B > max_batch and not torch.is_grad_enabled():
         parts = [completion_hidden(model, prompts[i:i + max_batch],
                                    Rollout(rollout.completion_ids[i:i + max_batch],
-                                           rollout.completion_mask[i:i + max_batch]), pad_id)
+                                           rollout.completion_mask[i:i + max_batch]), pad_id, pack=pack)
                  for i in range(0, B, max_batch)]
         return torch.cat(parts, dim=0)
-    if packs_rows(model):
+    if pack is not False and packs_rows(model):
         hidden = _packed_completion_hidden(model, prompts, rollout)
         if hidden is not None:
             return hidden
@@ -265,18 +266,19 @@ def _prefix_cache(model, prefix: Sequence[int], device: torch.device, memo: dict
 @torch.no_grad()
 def completion_hidden_shared_prefix(model, prompts: Sequence[Sequence[int]], rollout: Rollout, pad_id: int,
                                     max_batch: int | None = None, min_prefix: int = 64,
-                                    memo: dict | None = None) -> torch.Tensor:
+                                    memo: dict | None = None, pack: bool | None = None) -> torch.Tensor:
     """`completion_hidden` for no-grad teacher forwards whose prompts share a long prefix. -> (B, L, H)
 
     Teacher prompts all start with the same system prompt and user profile (hundreds of tokens)
     and differ only after it. The prefix is run once (batch 1) and its KV cache shared, so each
     row only pays for its own suffix + completion. Pass `memo` (a dict) to keep the prefix cache
     across calls while the weights are fixed (the base teacher); never for a moving teacher.
+    `pack` as for `completion_hidden`.
     """
     B = len(prompts)
     group = prefix_group(prompts, min_prefix) if B >= 2 else []
     if len(group) < 2:
-        return completion_hidden(model, prompts, rollout, pad_id, max_batch)
+        return completion_hidden(model, prompts, rollout, pad_id, max_batch, pack=pack)
     if len(group) < B:  # e.g. an item with its own system message: it runs whole, the others share
         others = [i for i in range(B) if i not in set(group)]
         parts = {}
@@ -284,14 +286,14 @@ def completion_hidden_shared_prefix(model, prompts: Sequence[Sequence[int]], rol
             sub = Rollout(rollout.completion_ids[rows], rollout.completion_mask[rows])
             fn = completion_hidden_shared_prefix if rows is group else completion_hidden
             kw = {"min_prefix": min_prefix, "memo": memo} if rows is group else {}
-            hidden = fn(model, [prompts[i] for i in rows], sub, pad_id, max_batch, **kw)
+            hidden = fn(model, [prompts[i] for i in rows], sub, pad_id, max_batch, pack=pack, **kw)
             parts.update({i: hidden[j] for j, i in enumerate(rows)})
         return torch.stack([parts[i] for i in range(B)])
     shared = shared_prefix_length(prompts)
     device = rollout.completion_ids.device
     prefix_kv = _prefix_cache(model, prompts[0][:shared], device, memo)
     step = max_batch or B
-    packed = packs_rows(model)
+    packed = pack is not False and packs_rows(model)
     parts = []
     for i in range(0, B, step):
         rows = slice(i, i + step)

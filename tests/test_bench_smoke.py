@@ -1,4 +1,4 @@
-"""bench/limit.py, throughput.py, vs_trl.py: each --tiny run gives the documented keys with finite numbers."""
+"""bench/limit.py, throughput.py, vs_trl.py, packing.py: each --tiny run gives the documented keys with finite numbers."""
 
 from __future__ import annotations
 
@@ -118,6 +118,46 @@ def test_throughput_tiny_run_with_view_comparison(throughput):
 def test_compare_views_needs_a_budgeted_preset(throughput):
     with pytest.raises(SystemExit, match="edge"):
         throughput.run(["--tiny", "--compare-views", "--preset", "sd"])
+
+
+# --- packing -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def packing():
+    return _load("packing")
+
+
+def test_varied_completion_masks_are_seeded_prefixes(packing):
+    import torch
+
+    mask = packing.completion_masks(6, 16, "varied", seed=3)
+    lengths = mask.sum(1)
+    assert torch.equal(mask, packing.completion_masks(6, 16, "varied", seed=3))
+    assert ((lengths >= 2) & (lengths <= 16)).all() and len(set(lengths.tolist())) > 1
+    assert (mask[:, 1:] <= mask[:, :-1]).all()  # 1s then 0s, a rollout's shape
+    assert packing.completion_masks(2, 5, "fixed").sum() == 10
+
+
+def test_packing_tiny_run(packing):
+    r = packing.run(["--tiny"])
+    assert_load_avg(r["machine"])
+    fixed, varied = r["modes"]
+    assert (fixed["lengths"], varied["lengths"]) == ("fixed", "varied")
+    for row in (fixed, varied):
+        pos = row["student_positions"]
+        assert pos["packed"] <= pos["padded"]
+        for key in ("student_seconds", "teacher_seconds"):
+            assert all(finite(v) and v > 0 for v in row[key].values()), key
+        assert finite(row["student_speedup"]) and finite(row["teacher_speedup"])
+    # shorter completions leave padding that packing does not run
+    assert varied["completion_tokens"] < fixed["completion_tokens"]
+    assert varied["student_positions"]["packed"] < varied["student_positions"]["padded"]
+    assert varied["student_positions"]["padded"] == fixed["student_positions"]["padded"]
+
+
+def test_packing_refuses_unknown_length_modes(packing):
+    with pytest.raises(SystemExit, match="bogus"):
+        packing.run(["--tiny", "--lengths", "fixed,bogus"])
 
 
 # --- vs_trl --------------------------------------------------------------------------------------
