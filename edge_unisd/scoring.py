@@ -6,7 +6,8 @@ log-probs run over chunks of `chunk_tokens` rows. In training a chunk keeps only
 w.r.t. the hidden states, taken in the forward pass (edge_unisd.vocab_grad), or, when the head is
 trained, is recomputed in the backward pass (activation checkpointing) instead of being kept.
 With V=49152 a full fp32 logits tensor for 8 x 356 positions is 560 MB, and the naive loss keeps
-several of them.
+several of them. On the CPU's per-row attention path the decoder runs the rows packed end to end,
+padding-free (edge_unisd.packing), and returns them in the padded (B, T, H) layout.
 """
 
 from __future__ import annotations
