@@ -176,3 +176,26 @@ def test_batches_are_a_deterministic_function_of_the_step():
     epoch = [it.id for s in range(5) for it in batch_for_step(items, s, 1, seed=3)]
     assert sorted(epoch) == [str(i) for i in range(5)]  # one epoch visits every item once
     assert batch_for_step(items, 7, 2, seed=3) == batch_for_step(items, 7, 2, seed=3)
+
+
+@pytest.mark.parametrize("preset", ["edge", "sft"])
+def test_a_packed_step_equals_a_padded_one(tokenizer, preset, monkeypatch):
+    """Padding-free rows change the arithmetic's order only: loss, terms, gradient norm, uncertainty agree.
+
+    `edge` runs every forward (EMA teacher over the shared profile, K views, negatives, feature term);
+    `sft` trains on right-padded reference answers of different lengths.
+    """
+    items = [Item(id=f"n{i}", messages=it.messages, reference=it.reference,
+                  rejected="A poodle called Rex." if i % 2 else None) for i, it in enumerate(TRAIN)]
+    reports = []
+    for pack in (True, False):
+        trainer = UniSDTrainer(_peft(tokenizer), tokenizer, _cfg(preset), total_steps=2, profile=PROFILE, pool=items)
+        with monkeypatch.context() as patch:
+            if not pack:
+                patch.setattr("edge_unisd.scoring.packs_rows", lambda model: False)
+            reports.append(trainer.step(items, view_item_ids={"n0", "n2"}))
+    packed, padded = reports
+    assert packed.loss == pytest.approx(padded.loss, rel=1e-4, abs=1e-6)
+    assert packed.grad_norm == pytest.approx(padded.grad_norm, rel=1e-3)
+    assert packed.terms == pytest.approx(padded.terms, rel=1e-4, abs=1e-6)
+    assert packed.item_uncertainty == pytest.approx(padded.item_uncertainty, rel=1e-4, abs=1e-6)
