@@ -60,7 +60,7 @@ def pack_completion_rows(prompts: Sequence[Sequence[int]], completion_ids: torch
     bounds: list[tuple[int, int]] = []
     gather = torch.empty(B, L, dtype=torch.long)
     heads: list[int] = []  # packed index of each row's first output, or -1
-    for prompt, completion, n in zip(prompts, completions, lengths):
+    for prompt, completion, n in zip(prompts, completions, lengths, strict=True):
         if n == 0:
             heads.append(-1)
             continue
@@ -72,7 +72,7 @@ def pack_completion_rows(prompts: Sequence[Sequence[int]], completion_ids: torch
         heads.append(start + len(prompt) - 1)
     N = len(ids)
     columns = torch.arange(L)
-    for b, (head, n) in enumerate(zip(heads, lengths)):
+    for b, (head, n) in enumerate(zip(heads, lengths, strict=True)):
         gather[b] = torch.where(columns < n, head + columns, N) if head >= 0 else N
     return PackedRows(torch.tensor([ids], dtype=torch.long, device=device),
                       torch.tensor([positions], dtype=torch.long, device=device),

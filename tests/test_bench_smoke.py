@@ -1,4 +1,4 @@
-"""bench/limit.py, throughput.py, vs_trl.py, packing.py: each --tiny run gives the documented keys with finite numbers."""
+"""bench/limit.py, throughput.py, vs_trl.py, packing.py: each --tiny run gives the documented keys, finite."""
 
 from __future__ import annotations
 
