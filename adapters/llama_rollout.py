@@ -1,4 +1,4 @@
-"""On-policy rollouts through llama.cpp: the base GGUF stays loaded, the live LoRA is swapped in per call.
+"""On-policy rollouts through llama.cpp: the base GGUF stays loaded, the live LoRA is brought in per call.
 
 Why: HF generate pays Python and padding overhead per token; llama.cpp does not. A call's rows are
 decoded together, each row its own sequence id: the prompts' common prefix (the chat template's)
@@ -12,9 +12,12 @@ with a tiny context of its own; decoding runs on a context made here (`llama_ini
 rebuilt when a call needs more rows or KV cells than it has (the LoRA is set per context, so it is
 set again) and freed by `close`.
 
-Each `generate` call writes the student's adapter as it is now into a private temp dir
+Each `generate` call first brings the student's adapter as it is now to llama.cpp, one of two ways
+(`lora`): merged (default where it can be) — base + LoRA delta written into a private in-RAM copy of
+the rollout weights that llama.cpp reads from its mapping (adapters/merged_rollout_weights.py), so the
+decode steps run no LoRA matmuls; or as an adapter — written as a LoRA GGUF into a private temp dir
 (adapters/lora_gguf.py's `write_lora_weights` from the adapter's tensors in memory, which permutes
-lora_B of Q/K for the llama family), loads it onto the resident base, and frees the previous one.
+lora_B of Q/K for the llama family), loaded onto the resident base, the previous one freed.
 By default llama.cpp samples from an f16 copy of a quantised base (`rollout_weights_file`): the values transformers
 dequantised for training, to f16 rounding, so the samples are on-policy up to that rounding
 (next-token KL 1e-5 for SmolLM2 Q4_1, vs 0.004 sampling from the Q4_1 file itself, at about the
@@ -64,6 +67,7 @@ _UBATCH = 512  # prefill tokens per physical batch: bounds the compute buffer
 # prompts) and its rounding flipped a near-tie that HF generate resolves the other way.
 _FLASH_ATTN = 0
 ROLLOUT_WEIGHTS = ("f16", "q8_0", "base")  # what llama.cpp samples from (see rollout_weights_file)
+LORA_MODES = ("auto", "merged", "adapter")  # how the live LoRA reaches llama.cpp (see LlamaCppRollout)
 
 
 class RolloutBackendError(RuntimeError):
@@ -191,32 +195,107 @@ class LlamaCppRollout:
 
     `n_ctx` bounds one row's prompt + completion tokens; `n_threads` defaults to torch's thread count.
     `weights` picks what llama.cpp holds (f16 copy, q8_0 copy, or the base file; `rollout_weights_file`);
-    `base_gguf` is then that file.
-    `totals` accumulates seconds per phase (adapter tensors read, GGUF written, loaded; generate) and tokens generated.
+    `base_gguf` is then that file. `lora`: "merged" (the LoRA merged into a private copy of f16/f32
+    weights, checked once to reach llama.cpp; an error where it cannot), "adapter" (a LoRA GGUF per call),
+    or "auto" (merged where it can be, else adapter); `lora_mode` says which one runs.
+    `totals` accumulates seconds per phase (adapter tensors read, GGUF written, loaded; merged weights
+    written; generate) and tokens generated.
     """
 
     def __init__(self, base_gguf: str | Path, tokenizer, *, n_ctx: int = 2048, n_threads: int | None = None,
                  lora_dtype: str = "f32", tmp_root: str | Path | None = None, weights: str = "f16",
-                 cache_dir: Path | None = None) -> None:
+                 cache_dir: Path | None = None, lora: str = "auto") -> None:
         if n_ctx < 2:
             raise ValueError(f"n_ctx must be at least 2 (one prompt token and one new token), not {n_ctx}")
+        if lora not in LORA_MODES:
+            raise RolloutBackendError(f"rollout LoRA mode {lora!r}: use one of {', '.join(LORA_MODES)}")
         self.base_gguf = rollout_weights_file(check_gguf_file(Path(base_gguf).expanduser()), weights, cache_dir)
         self.tokenizer = tokenizer
         self.lora_dtype, self.tmp_root = lora_dtype, tmp_root
         self.n_ctx, self.n_threads = n_ctx, n_threads or torch.get_num_threads()
         self._ll = load_llama_cpp()
-        try:  # loads the model (AMX guard) and parses its metadata; its own context is never decoded on
-            self._llm = self._ll.Llama(model_path=str(self.base_gguf), n_ctx=_LOADER_CTX, n_batch=_LOADER_CTX,
-                                       n_threads=self.n_threads, n_threads_batch=self.n_threads, verbose=False)
+        # the llama.cpp model, the decoding context, the llama_adapter_lora_p on it, the merged copy;
+        # freed by close or the finalizer
+        self._held: dict = {"llm": None, "ctx": None, "adapter": None, "merged": None}
+        self._ctx_rows = self._ctx_cells = 0  # what the held context holds: sequences, KV cells for all of them
+        self._finalizer = weakref.finalize(self, _release, self._ll, self._held)
+        self.totals = {"adapter_tensors": 0.0, "adapter_write": 0.0, "adapter_load": 0.0, "merged_write": 0.0,
+                       "generate": 0.0, "calls": 0, "tokens": 0}
+        self._load(self.base_gguf)
+        self._shape = self._model_shape()
+        self.lora_mode = self._start_merged(lora) if lora != "adapter" else "adapter"
+
+    @property
+    def _llm(self):
+        return self._held["llm"]
+
+    def _load(self, path: Path) -> None:
+        """Load the model (AMX guard) and parse its metadata; its own tiny context is never decoded on."""
+        try:
+            self._held["llm"] = self._ll.Llama(model_path=str(path), n_ctx=_LOADER_CTX, n_batch=_LOADER_CTX,
+                                               n_threads=self.n_threads, n_threads_batch=self.n_threads,
+                                               verbose=False)
         except (ValueError, RuntimeError) as e:
             raise RolloutBackendError(f"{self.base_gguf}: llama.cpp cannot load it as a model: {e}") from e
-        self._shape = self._model_shape()
-        # the decoding context and the llama_adapter_lora_p on it; freed by close or the finalizer
-        self._held: dict = {"ctx": None, "adapter": None}
-        self._ctx_rows = self._ctx_cells = 0  # what the held context holds: sequences, KV cells for all of them
-        self._finalizer = weakref.finalize(self, _release, self._ll, self._llm, self._held)
-        self.totals = {"adapter_tensors": 0.0, "adapter_write": 0.0, "adapter_load": 0.0, "generate": 0.0,
-                       "calls": 0, "tokens": 0}
+
+    def _start_merged(self, lora: str) -> str:
+        """Sample from merged weights (adapters/merged_rollout_weights.py) where they can be kept: "merged",
+        else "adapter" (or an error when `lora` insists on merged)."""
+        from adapters.merged_rollout_weights import MergedWeights, MergedWeightsError
+
+        try:
+            merged = MergedWeights(self.base_gguf)
+        except MergedWeightsError as e:
+            return self._no_merged(lora, str(e))
+        self._free_context()
+        self._held["llm"].close()
+        self._held["llm"], self._held["merged"] = None, merged
+        self._load(merged.path)
+        try:
+            seen = self._writes_reach_llama(merged)
+        except MergedWeightsError as e:
+            seen, why = False, str(e)
+        else:
+            why = "this llama.cpp build does not read weights from the file mapping"
+        if seen:
+            return "merged"
+        self._free_context()
+        self._held["llm"].close()
+        merged.close()
+        self._held["llm"], self._held["merged"] = None, None
+        self._load(self.base_gguf)
+        return self._no_merged(lora, why)
+
+    def _no_merged(self, lora: str, why: str) -> str:
+        if lora == "merged":
+            raise RolloutBackendError(f"{self.base_gguf}: merged rollout weights unavailable: {why}; "
+                                      "set rollout.llama_lora to 'adapter' or 'auto'")
+        log.info("llama.cpp rollouts apply the LoRA as an adapter (merged weights unavailable: %s)", why)
+        return "adapter"
+
+    def _writes_reach_llama(self, merged) -> bool:
+        """Whether a write to the merged copy changes llama.cpp's logits: zero one weight, decode, restore."""
+        name, nbytes = merged.probe_tensor(self._shape)
+        before = self._probe_logits()
+        old = merged.patch_raw(name, bytes(nbytes))
+        try:
+            after = self._probe_logits()
+        finally:
+            merged.patch_raw(name, old)
+        return not torch.equal(before, after)
+
+    def _probe_logits(self) -> torch.Tensor:
+        """The logits after three fixed tokens, on a cleared KV cache."""
+        self._ensure_context(1, _CELL_STEP)
+        ll = self._ll
+        ll.llama_memory_clear(ll.llama_get_memory(self._held["ctx"]), True)
+        batch = ll.llama_batch_init(3, 0, 1)
+        try:
+            at = _fill(batch, [(0, [1, 2, 3], 0)])
+            self._decode(batch, "weights probe")
+            return self._logits(at).clone()
+        finally:
+            ll.llama_batch_free(batch)
 
     def _model_shape(self) -> ModelShape:
         """Hyperparameters the LoRA writer needs, from the metadata llama.cpp already parsed."""
@@ -277,8 +356,13 @@ class LlamaCppRollout:
 
     # --- the adapter --------------------------------------------------------------------------------
     def load_adapter(self, model) -> None:
-        """Apply `model`'s active LoRA as it is now (or none) to the llama.cpp context."""
+        """Apply `model`'s active LoRA as it is now (or none): merged into the weights, or as an adapter."""
         name = active_lora_name(model)
+        if self._held["merged"] is not None:
+            t0 = time.perf_counter()
+            self._held["merged"].write(model, name, self._shape)
+            self.totals["merged_write"] += time.perf_counter() - t0
+            return
         new = self._write_and_init(model, name) if name is not None else None
         self._set_adapter(new)
 
@@ -472,12 +556,18 @@ def _shared_length(prompts: Sequence[Sequence[int]]) -> int:
     return shared_prefix_length(prompts) if len(prompts) >= 2 else 0
 
 
-def _release(ll: ModuleType, llm, held: dict) -> None:
-    """Free the decoding context, then the adapter, then the model; runs once (close, collection or exit)."""
+def _release(ll: ModuleType, held: dict) -> None:
+    """Free the decoding context, the adapter, the model, then the merged copy; runs once (close, collection,
+    exit)."""
     if held["ctx"] is not None:
         ll.llama_free(held["ctx"])
         held["ctx"] = None
     if held["adapter"] is not None:
         ll.llama_adapter_lora_free(held["adapter"])
         held["adapter"] = None
-    llm.close()
+    if held["llm"] is not None:
+        held["llm"].close()
+        held["llm"] = None
+    if held["merged"] is not None:
+        held["merged"].close()
+        held["merged"] = None

@@ -207,8 +207,9 @@ def method_overrides(*, batch: int, tokens: int, lora_rank: int, lr: float = 1e-
             "lora": {"rank": lora_rank, "alpha": 2.0 * lora_rank, "dropout": 0.0, "target_modules": "all-linear"}}
 
 
-def build_rollout_backend(kind: str, loaded, *, tiny: bool, weights: str = "f16"):
-    """None for HF generate; else LlamaCppRollout on the base GGUF (random weights: exported to one first)."""
+def build_rollout_backend(kind: str, loaded, *, tiny: bool, weights: str = "f16", lora: str = "auto"):
+    """None for HF generate; else LlamaCppRollout on the base GGUF (random weights: exported to one first),
+    the LoRA applied as `lora` says (auto, merged, adapter)."""
     if kind == "hf":
         return None
     import tempfile
@@ -220,11 +221,12 @@ def build_rollout_backend(kind: str, loaded, *, tiny: bool, weights: str = "f16"
     try:
         if loaded.source.kind == "gguf":
             return LlamaCppRollout(loaded.source.path, loaded.tokenizer, n_threads=torch.get_num_threads(),
-                                   weights=weights)
+                                   weights=weights, lora=lora)
         # the base GGUF is mapped by llama.cpp, so its temp dir can go as soon as it is loaded
         with tempfile.TemporaryDirectory(prefix="bench-rollout-") as tmp:
             path = random_weights_gguf(loaded, Path(tmp), "f32" if tiny else "f16")
-            return LlamaCppRollout(path, loaded.tokenizer, n_threads=torch.get_num_threads(), weights=weights)
+            return LlamaCppRollout(path, loaded.tokenizer, n_threads=torch.get_num_threads(), weights=weights,
+                                   lora=lora)
     except RolloutBackendError as e:
         raise SystemExit(f"--rollout-backend llamacpp: {e}") from e
 
@@ -354,10 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: every CPU)")
     p.add_argument("--repeats", type=int, default=None, help="matmul timing repeats for the MFU ceiling")
     p.add_argument("--tiny", action="store_true", help="smoke run: tiny random llama, 1 step, 4 tokens")
-    from adapters.llama_rollout import ROLLOUT_WEIGHTS
+    from adapters.llama_rollout import LORA_MODES, ROLLOUT_WEIGHTS
 
     p.add_argument("--rollout-weights", choices=ROLLOUT_WEIGHTS, default="f16",
                    help="llamacpp: what llama.cpp samples from (adapters.llama_rollout.rollout_weights_file)")
+    p.add_argument("--rollout-lora", choices=LORA_MODES, default="auto",
+                   help="llamacpp: the live LoRA merged into a private copy of the weights, or applied as an adapter")
     p.add_argument("--rollout-backend", choices=("hf", "llamacpp"), default="hf",
                    help="rollout engine: hf generate (default) or llama.cpp on the base GGUF with the live LoRA")
     return p
@@ -387,7 +391,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     per_step = 2 if args.compare_views else 1
     items, pool = bench_items(args.batch * (args.warmup + args.steps))
     batches = step_batches(items, args.batch, args.warmup + args.steps)
-    backend = build_rollout_backend(args.rollout_backend, loaded, tiny=args.tiny, weights=args.rollout_weights)
+    backend = build_rollout_backend(args.rollout_backend, loaded, tiny=args.tiny, weights=args.rollout_weights,
+                                    lora=args.rollout_lora)
     trainer = build_trainer(loaded, cfg, pool, total_steps=(args.warmup + args.steps) * per_step,
                             rollout_backend=backend)
 
@@ -428,7 +433,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                      "num_views": cfg.num_views, "lora_rank": args.lora_rank,
                      "gradient_checkpointing": cfg.gradient_checkpointing,
                      "activation_budget_mb": cfg.activation_budget_mb, "kept_layers": trainer.kept_layers,
-                     "chunk_tokens": cfg.chunk_tokens, "rollout_backend": args.rollout_backend},
+                     "chunk_tokens": cfg.chunk_tokens, "rollout_backend": args.rollout_backend,
+                     "rollout_lora": backend.lora_mode if backend else None},
         "rollout_backend_totals": dict(backend.totals) if backend else None,
         **summary,
         "peak_rss_gb": peak_rss_gb(), "rss_after_load_gb": rss_loaded, "peak_rss_at_load_gb": peak_at_load,

@@ -766,7 +766,8 @@ def _rollout_backend(cfg: MethodConfig, loaded: Any) -> Any:
     from adapters.llama_rollout import LlamaCppRollout, RolloutBackendError
 
     try:
-        return LlamaCppRollout(loaded.source.path, loaded.tokenizer, weights=cfg.rollout.llama_weights)
+        return LlamaCppRollout(loaded.source.path, loaded.tokenizer, weights=cfg.rollout.llama_weights,
+                               lora=cfg.rollout.llama_lora)
     except RolloutBackendError as e:
         if kind == "auto":
             log.warning("llama.cpp rollouts unavailable, using HF generate: %s", e)

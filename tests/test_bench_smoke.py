@@ -1,4 +1,5 @@
-"""bench/limit.py, throughput.py, vs_trl.py, packing.py: each --tiny run gives the documented keys, finite."""
+"""bench/limit.py, throughput.py, vs_trl.py, packing.py, rollout_lora.py: each --tiny run gives the documented
+keys, finite."""
 
 from __future__ import annotations
 
@@ -198,3 +199,21 @@ def test_vs_trl_tiny_run(vs_trl):
     assert trl_run["prompts_match"] is True  # TRL saw the very token ids our student and teacher see
     ratios = r["ratios_vs_trl"]["sd"]
     assert all(finite(ratios[k]) and ratios[k] > 0 for k in ("tokens_per_s", "seconds_per_step", "peak_rss"))
+
+
+# --- rollout_lora ----------------------------------------------------------------------------------
+
+def test_rollout_lora_tiny_run():
+    pytest.importorskip("llama_cpp")
+    r = _load("rollout_lora").run(["--tiny"])
+    assert_load_avg(r["machine"])
+    rows = {row["mode"]: row for row in r["rows"]}
+    assert set(rows) == {"merged", "adapter"}
+    for row in rows.values():
+        assert finite(row["median_seconds"]) and row["median_seconds"] > 0 and finite(row["tokens_per_s"])
+        assert 0.0 <= row["greedy_agreement"] <= 1.0
+    assert rows["adapter"]["speedup_vs_adapter"] == 1.0
+    # each mode really ran its own way: merged writes, the adapter path writes LoRA GGUFs
+    totals = r["backend_totals"]
+    assert totals["merged"]["merged_write"] > 0 and totals["merged"]["adapter_write"] == 0
+    assert totals["adapter"]["adapter_write"] > 0 and totals["adapter"]["merged_write"] == 0

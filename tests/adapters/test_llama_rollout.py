@@ -31,10 +31,12 @@ def tiny(tmp_path_factory):
     return folder, gguf_path
 
 
-@pytest.fixture(scope="module")
-def backend(tiny):
+@pytest.fixture(scope="module", params=["merged", "adapter"])
+def backend(tiny, request):
+    """Both ways the live LoRA reaches llama.cpp: merged into a private copy of the weights, or as an adapter."""
     folder, gguf_path = tiny
-    b = LlamaCppRollout(gguf_path, load_base(folder).tokenizer, n_threads=1)
+    b = LlamaCppRollout(gguf_path, load_base(folder).tokenizer, n_threads=1, lora=request.param)
+    assert b.lora_mode == request.param
     yield b
     b.close()
 
@@ -50,6 +52,7 @@ def _randomise_lora(model, seed: int, b_std: float = 0.3) -> None:
 
 def _peft(folder, seed: int = 1):
     loaded = load_base(folder)
+    torch.manual_seed(seed)  # lora_A's init draws from the global RNG: the same model whatever ran before
     model = attach_lora(loaded.model, rank=4, alpha=8, dropout=0.0, target_modules="all-linear")
     _randomise_lora(model, seed)
     return model, loaded.tokenizer
@@ -86,7 +89,7 @@ def test_adapter_is_rewritten_on_every_call(tiny, backend):
     model, tok = _peft(tiny[0])
     prompts = _prompts(tok)
     before = backend.generate(model, prompts, max_new_tokens=12, temperature=0.0)
-    _randomise_lora(model, seed=7)  # what an optimizer step does: the same modules, new values
+    _randomise_lora(model, seed=8)  # what an optimizer step does: the same modules, new values
     hf, after = _greedy_pair(model, tok, backend, prompts, max_new_tokens=12)
     assert not torch.equal(before.completion_ids, after.completion_ids)
     _assert_same(hf, after)
@@ -395,3 +398,114 @@ def test_a_changed_base_file_gets_a_new_copy(tiny, tmp_path):
     second = rollout_weights_file(base, "f16", tmp_path)
     assert second != first and _tensors(second)["blk.0.ffn_up.weight"][1].tolist() != first_values
     assert not first.exists() and other.is_file() and stranger.is_file()  # only the outdated f16 copy goes
+
+
+# --- merged rollout weights (adapters/merged_rollout_weights.py) ----------------------------------
+
+def _slot_values(merged, name: str) -> torch.Tensor:
+    import os
+
+    import numpy as np
+
+    slot = merged._slots[name]
+    raw = os.pread(merged._fd, int(np.prod(slot.shape)) * torch.finfo(slot.dtype).bits // 8, slot.offset)
+    return torch.frombuffer(bytearray(raw), dtype=slot.dtype).reshape(slot.shape)
+
+
+def test_merged_copy_holds_what_the_merged_export_writes(tiny):
+    """The patched tensors equal the merged GGUF export's (PEFT merge_and_unload, exporter's Q/K order)."""
+    from adapters.gguf_export import shape_from_hf_config, to_gguf_tensors
+    from adapters.merged_rollout_weights import MergedWeights
+
+    folder, gguf_path = tiny
+    model, _ = _peft(folder)
+    merged = MergedWeights(gguf_path)
+    try:
+        shape = shape_from_hf_config(model.config.to_dict(), "tiny")
+        before = {name: _slot_values(merged, name).clone() for name in merged._slots}
+        assert merged.write(model, "default", shape) > 0 and not merged.holds_base
+        expected = to_gguf_tensors(model.merge_and_unload().state_dict(), shape, drop_output=True, where="tiny")
+        changed = 0
+        for name in merged._slots:
+            got = _slot_values(merged, name)
+            torch.testing.assert_close(got, torch.from_numpy(expected[name]), rtol=1e-6, atol=1e-6, msg=name)
+            changed += not torch.equal(got, before[name])
+        assert changed == 7 * shape.n_blocks  # every adapted linear layer, nothing else
+    finally:
+        merged.close()
+
+
+def test_merged_copy_goes_back_to_the_base(tiny):
+    from adapters.gguf_export import shape_from_hf_config
+    from adapters.merged_rollout_weights import MergedWeights
+
+    folder, gguf_path = tiny
+    model, _ = _peft(folder)
+    merged = MergedWeights(gguf_path)
+    try:
+        shape = shape_from_hf_config(model.config.to_dict(), "tiny")
+        base = {name: _slot_values(merged, name).clone() for name in merged._slots}
+        assert merged.write(model, None, shape) == 0  # already the base: nothing to write
+        merged.write(model, "default", shape)
+        assert merged.write(model, None, shape) > 0 and merged.holds_base
+        for name, values in base.items():
+            torch.testing.assert_close(_slot_values(merged, name), values, rtol=0, atol=0, msg=name)
+    finally:
+        merged.close()
+    assert merged.closed
+
+
+def test_merged_rollouts_leave_no_file_behind(tiny, tmp_path):
+    folder, gguf_path = tiny
+    model, tok = _peft(folder)
+    b = LlamaCppRollout(gguf_path, tok, n_threads=1, tmp_root=tmp_path)
+    try:
+        assert b.lora_mode == "merged"
+        _assert_same(*_greedy_pair(model, tok, b, _prompts(tok), max_new_tokens=6))
+        assert b.totals["merged_write"] > 0 and b.totals["adapter_write"] == 0
+        assert list(tmp_path.iterdir()) == []  # the copy is a memfd: RAM only, gone with the process
+    finally:
+        b.close()
+
+
+def test_auto_falls_back_to_the_adapter_when_writes_are_not_seen(tiny, monkeypatch):
+    """A llama.cpp build that copies weights into its own buffers would sample stale merged weights."""
+    folder, gguf_path = tiny
+    model, tok = _peft(folder)
+    monkeypatch.setattr(LlamaCppRollout, "_writes_reach_llama", lambda self, merged: False)
+    b = LlamaCppRollout(gguf_path, tok, n_threads=1)
+    try:
+        assert b.lora_mode == "adapter" and b._held["merged"] is None
+        _assert_same(*_greedy_pair(model, tok, b, _prompts(tok), max_new_tokens=6))
+    finally:
+        b.close()
+    with pytest.raises(RolloutBackendError, match="does not read weights from the file mapping.*'adapter'"):
+        LlamaCppRollout(gguf_path, tok, n_threads=1, lora="merged")
+
+
+def test_the_probe_sees_a_write(tiny):
+    from adapters.merged_rollout_weights import MergedWeights
+
+    folder, gguf_path = tiny
+    b = LlamaCppRollout(gguf_path, load_base(folder).tokenizer, n_threads=1, lora="adapter")
+    try:
+        merged = MergedWeights(gguf_path)  # not what b loaded: its writes cannot reach b's model
+        try:
+            assert not b._writes_reach_llama(merged)
+        finally:
+            merged.close()
+    finally:
+        b.close()
+
+
+def test_quantised_rollout_file_uses_the_adapter(tiny, tiny_q8, tmp_path):
+    tok = load_base(tiny[0]).tokenizer
+    b = LlamaCppRollout(tiny_q8, tok, n_threads=1, weights="base", cache_dir=tmp_path)
+    try:
+        assert b.lora_mode == "adapter"
+    finally:
+        b.close()
+    with pytest.raises(RolloutBackendError, match="merged rollout weights unavailable: .*is not an f16/f32 tensor"):
+        LlamaCppRollout(tiny_q8, tok, n_threads=1, weights="base", cache_dir=tmp_path, lora="merged")
+    with pytest.raises(RolloutBackendError, match="auto, merged, adapter"):
+        LlamaCppRollout(tiny[1], tok, lora="fused")
