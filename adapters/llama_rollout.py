@@ -250,17 +250,16 @@ class LlamaCppRollout:
         self._free_context()
         self._held["llm"].close()
         self._held["llm"], self._held["merged"] = None, merged
-        self._load(merged.path)
         try:
-            seen = self._writes_reach_llama(merged)
-        except MergedWeightsError as e:
-            seen, why = False, str(e)
-        else:
+            self._load(merged.path)
+            if self._writes_reach_llama(merged):
+                return "merged"
             why = "this llama.cpp build does not read weights from the file mapping"
-        if seen:
-            return "merged"
-        self._free_context()
-        self._held["llm"].close()
+        except (MergedWeightsError, RolloutBackendError) as e:
+            why = str(e)
+        self._free_context()  # back to the base file, the LoRA as an adapter
+        if self._held["llm"] is not None:
+            self._held["llm"].close()
         merged.close()
         self._held["llm"], self._held["merged"] = None, None
         self._load(self.base_gguf)

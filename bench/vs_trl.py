@@ -131,7 +131,8 @@ def run_ours(args: argparse.Namespace, system: str) -> dict[str, Any]:
             tokens.append(report.tokens["completion"])
             rollout.append(report.stage_seconds["rollout"])
     return _child_result(tp, limit, load_start, rss_loaded, peak_at_load, seconds, tokens, rollout,
-                         {"view_items_per_step": report.tokens["view_items"], "teacher": cfg.teacher})
+                         {"view_items_per_step": report.tokens["view_items"], "teacher": cfg.teacher,
+                          "rollout_lora": backend.lora_mode if backend is not None else None})
 
 
 def trl_dataset(items: Sequence, profile: str):

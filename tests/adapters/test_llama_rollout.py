@@ -483,6 +483,25 @@ def test_auto_falls_back_to_the_adapter_when_writes_are_not_seen(tiny, monkeypat
         LlamaCppRollout(gguf_path, tok, n_threads=1, lora="merged")
 
 
+def test_auto_falls_back_when_llama_cpp_cannot_load_the_copy(tiny, monkeypatch):
+    folder, gguf_path = tiny
+    model, tok = _peft(folder)
+    real_load = LlamaCppRollout._load
+
+    def load(self, path):
+        if str(path).startswith("/proc/self/fd/"):
+            raise RolloutBackendError(f"{path}: llama.cpp cannot load it as a model: no /proc here")
+        real_load(self, path)
+
+    monkeypatch.setattr(LlamaCppRollout, "_load", load)
+    b = LlamaCppRollout(gguf_path, tok, n_threads=1)
+    try:
+        assert b.lora_mode == "adapter" and b._held["merged"] is None and b._llm is not None
+        _assert_same(*_greedy_pair(model, tok, b, _prompts(tok), max_new_tokens=6))
+    finally:
+        b.close()
+
+
 def test_the_probe_sees_a_write(tiny):
     from adapters.merged_rollout_weights import MergedWeights
 
