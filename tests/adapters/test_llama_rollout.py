@@ -412,30 +412,10 @@ def _slot_values(merged, name: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(raw), dtype=slot.dtype).reshape(slot.shape)
 
 
-def test_merged_copy_holds_what_the_merged_export_writes(tiny):
-    """The patched tensors equal the merged GGUF export's (PEFT merge_and_unload, exporter's Q/K order)."""
-    from adapters.gguf_export import shape_from_hf_config, to_gguf_tensors
-    from adapters.merged_rollout_weights import MergedWeights
-
-    folder, gguf_path = tiny
-    model, _ = _peft(folder)
-    merged = MergedWeights(gguf_path)
-    try:
-        shape = shape_from_hf_config(model.config.to_dict(), "tiny")
-        before = {name: _slot_values(merged, name).clone() for name in merged._slots}
-        assert merged.write(model, "default", shape) > 0 and not merged.holds_base
-        expected = to_gguf_tensors(model.merge_and_unload().state_dict(), shape, drop_output=True, where="tiny")
-        changed = 0
-        for name in merged._slots:
-            got = _slot_values(merged, name)
-            torch.testing.assert_close(got, torch.from_numpy(expected[name]), rtol=1e-6, atol=1e-6, msg=name)
-            changed += not torch.equal(got, before[name])
-        assert changed == 7 * shape.n_blocks  # every adapted linear layer, nothing else
-    finally:
-        merged.close()
-
-
-def test_merged_copy_goes_back_to_the_base(tiny):
+@pytest.fixture
+def merged_copy(tiny):
+    """(PEFT model with a random LoRA, MergedWeights of the tiny f32 GGUF, its ModelShape, the slots' values
+    before any write); closed afterwards."""
     from adapters.gguf_export import shape_from_hf_config
     from adapters.merged_rollout_weights import MergedWeights
 
@@ -443,16 +423,35 @@ def test_merged_copy_goes_back_to_the_base(tiny):
     model, _ = _peft(folder)
     merged = MergedWeights(gguf_path)
     try:
-        shape = shape_from_hf_config(model.config.to_dict(), "tiny")
-        base = {name: _slot_values(merged, name).clone() for name in merged._slots}
-        assert merged.write(model, None, shape) == 0  # already the base: nothing to write
-        merged.write(model, "default", shape)
-        assert merged.write(model, None, shape) > 0 and merged.holds_base
-        for name, values in base.items():
-            torch.testing.assert_close(_slot_values(merged, name), values, rtol=0, atol=0, msg=name)
+        before = {name: _slot_values(merged, name).clone() for name in merged._slots}
+        yield model, merged, shape_from_hf_config(model.config.to_dict(), "tiny"), before
     finally:
         merged.close()
     assert merged.closed
+
+
+def test_merged_copy_holds_what_the_merged_export_writes(merged_copy):
+    """The patched tensors equal the merged GGUF export's (PEFT merge_and_unload, exporter's Q/K order)."""
+    from adapters.gguf_export import to_gguf_tensors
+
+    model, merged, shape, before = merged_copy
+    assert merged.write(model, "default", shape) > 0 and not merged.holds_base
+    expected = to_gguf_tensors(model.merge_and_unload().state_dict(), shape, drop_output=True, where="tiny")
+    changed = 0
+    for name in merged._slots:
+        got = _slot_values(merged, name)
+        torch.testing.assert_close(got, torch.from_numpy(expected[name]), rtol=1e-6, atol=1e-6, msg=name)
+        changed += not torch.equal(got, before[name])
+    assert changed == 7 * shape.n_blocks  # every adapted linear layer, nothing else
+
+
+def test_merged_copy_goes_back_to_the_base(merged_copy):
+    model, merged, shape, base = merged_copy
+    assert merged.write(model, None, shape) == 0  # already the base: nothing to write
+    merged.write(model, "default", shape)
+    assert merged.write(model, None, shape) > 0 and merged.holds_base
+    for name, values in base.items():
+        torch.testing.assert_close(_slot_values(merged, name), values, rtol=0, atol=0, msg=name)
 
 
 def test_merged_rollouts_leave_no_file_behind(tiny, tmp_path):
