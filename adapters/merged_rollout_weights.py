@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -109,7 +110,8 @@ class MergedWeights:
             os.close(self._fd)
             raise MergedWeightsError(f"cannot copy {source} into memory ({stat.st_size >> 20} MB): {e}") from e
         self.path = Path(f"/proc/self/fd/{self._fd}")
-        self._targets: dict[int, list[_Target]] = {}  # per model id: the adapted layers, resolved once
+        self._targets: list[_Target] = []  # the adapted layers of the model written last
+        self._targets_model: weakref.ref | None = None
         self.holds_base = True
 
     @property
@@ -156,10 +158,12 @@ class MergedWeights:
         return name, int(np.prod(slot.shape)) * torch.finfo(slot.dtype).bits // 8
 
     def _targets_of(self, model, shape: ModelShape) -> list[_Target]:
-        key = id(model)
-        if key not in self._targets:
-            self._targets = {key: self._resolve(model, shape)}  # one training model at a time
-        return self._targets[key]
+        """The adapted layers of `model`, resolved once per model: a weak reference, not id(), tells whether
+        the model is the one resolved last (a new model can reuse a freed one's id; its layers are new)."""
+        if self._targets_model is None or self._targets_model() is not model:
+            self._targets = self._resolve(model, shape)
+            self._targets_model = weakref.ref(model)
+        return self._targets
 
     def _resolve(self, model, shape: ModelShape) -> list[_Target]:
         """The PEFT LoRA layers of `model` and their GGUF slots, or an error naming what cannot be merged."""

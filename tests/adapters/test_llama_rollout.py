@@ -454,6 +454,20 @@ def test_merged_copy_goes_back_to_the_base(merged_copy):
         torch.testing.assert_close(_slot_values(merged, name), values, rtol=0, atol=0, msg=name)
 
 
+def test_merged_copy_follows_a_new_model(merged_copy, tiny):
+    """The daemon trains a new model each round: its layers are written, not the previous model's."""
+    from adapters.gguf_export import to_gguf_tensors
+
+    first, merged, shape, _ = merged_copy
+    merged.write(first, "default", shape)
+    second, _ = _peft(tiny[0], seed=2)
+    merged.write(second, "default", shape)
+    expected = to_gguf_tensors(second.merge_and_unload().state_dict(), shape, drop_output=True, where="tiny")
+    for name in merged._slots:
+        torch.testing.assert_close(_slot_values(merged, name), torch.from_numpy(expected[name]), rtol=1e-6,
+                                   atol=1e-6, msg=name)
+
+
 def test_merged_rollouts_leave_no_file_behind(tiny, tmp_path):
     folder, gguf_path = tiny
     model, tok = _peft(folder)
