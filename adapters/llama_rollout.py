@@ -358,8 +358,14 @@ class LlamaCppRollout:
         """Apply `model`'s active LoRA as it is now (or none): merged into the weights, or as an adapter."""
         name = active_lora_name(model)
         if self._held["merged"] is not None:
+            from adapters.merged_rollout_weights import MergedWeightsError
+
             t0 = time.perf_counter()
-            self._held["merged"].write(model, name, self._shape)
+            try:
+                self._held["merged"].write(model, name, self._shape)
+            except MergedWeightsError as e:
+                raise RolloutBackendError(f"{self.base_gguf}: cannot merge the live adapter into the rollout "
+                                          f"weights: {e}; set rollout.backend to 'hf'") from e
             self.totals["merged_write"] += time.perf_counter() - t0
             return
         new = self._write_and_init(model, name) if name is not None else None

@@ -129,9 +129,12 @@ class MergedWeights:
             raise MergedWeightsError("the merged rollout weights were closed")
         if adapter is None and self.holds_base:
             return 0
+        targets = self._targets_of(model, shape)
+        if adapter is not None:
+            _check_mergeable(model, adapter, targets)
         written = 0
         with torch.no_grad():
-            for target in self._targets_of(model, shape):
+            for target in targets:
                 weight = target.module.base_layer.weight
                 if adapter is not None:
                     weight = weight + target.module.get_delta_weight(adapter).to(weight.dtype)
@@ -169,6 +172,7 @@ class MergedWeights:
         """The PEFT LoRA layers of `model` and their GGUF slots, or an error naming what cannot be merged."""
         import gguf
         from peft.tuners.lora import Linear as LoraLinear
+        from peft.tuners.tuners_utils import BaseTunerLayer
 
         from adapters.gguf_export import arch_rules, gguf_name_of
 
@@ -176,6 +180,9 @@ class MergedWeights:
         name_map = gguf.get_tensor_name_map(rules.gguf_arch, shape.n_blocks)
         targets = []
         for module_name, module in model.named_modules():
+            if isinstance(module, BaseTunerLayer) and not isinstance(module, LoraLinear):
+                raise MergedWeightsError(f"{module_name}: a {type(module).__name__} adapter layer; only LoRA on "
+                                         "linear layers is merged into the rollout weights")
             if not isinstance(module, LoraLinear):
                 continue
             hf_name = module_name.removeprefix("base_model.model.") + ".weight"
@@ -193,6 +200,16 @@ class MergedWeights:
         if not targets:
             raise MergedWeightsError("the model has no LoRA linear layers to merge")
         return targets
+
+
+def _check_mergeable(model, adapter: str, targets: list[_Target]) -> None:
+    """What the LoRA delta alone does not carry: trained full modules, LoRA biases."""
+    saved = getattr(model.peft_config[adapter], "modules_to_save", None)
+    if saved:
+        raise MergedWeightsError(f"adapter {adapter!r} trains full modules ({saved}): not merged into the "
+                                 "rollout weights")
+    if any(getattr(t.module, "lora_bias", {}).get(adapter) for t in targets):
+        raise MergedWeightsError(f"adapter {adapter!r} has LoRA biases: not merged into the rollout weights")
 
 
 def _copy_file(source: Path, fd: int, size: int) -> None:

@@ -468,6 +468,25 @@ def test_merged_copy_follows_a_new_model(merged_copy, tiny):
                                    atol=1e-6, msg=name)
 
 
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")  # PEFT's, for these odd adapters
+@pytest.mark.parametrize(("extra", "why"), [
+    ({"target_modules": ["q_proj", "embed_tokens"]}, "a Embedding adapter layer"),
+    ({"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}, "trains full modules"),
+])
+def test_what_merging_cannot_carry_is_refused(tiny, extra, why):
+    """Merging only the linear layers' deltas would sample from a model the trainer is not training."""
+    from peft import LoraConfig, get_peft_model
+
+    loaded = load_base(tiny[0])
+    model = get_peft_model(loaded.model, LoraConfig(r=4, lora_alpha=8, **extra))
+    b = LlamaCppRollout(tiny[1], loaded.tokenizer, n_threads=1, lora="merged")
+    try:
+        with pytest.raises(RolloutBackendError, match=f"cannot merge the live adapter.*{why}.*'hf'"):
+            b.generate(model, _prompts(loaded.tokenizer), max_new_tokens=2)
+    finally:
+        b.close()
+
+
 def test_merged_rollouts_leave_no_file_behind(tiny, tmp_path):
     folder, gguf_path = tiny
     model, tok = _peft(folder)
