@@ -157,15 +157,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def _throughput():
-    import importlib.util
+    from bench.siblings import load
 
-    key = "bench_throughput"  # the name the bench scripts share for it
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name("throughput.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
+    return load("throughput")
 
 
 def print_table(r: dict[str, Any]) -> None:

@@ -16,7 +16,6 @@ object, then a table; never asserts on time.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -30,18 +29,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR.parent))  # bench.siblings, and the repository's own packages
+
+from bench.siblings import load  # noqa: E402  (after the path)
+
 MODES = ("merged", "adapter")
 
 
 def throughput():
     """bench/throughput.py: model loading, items and the rollout backend set-up are shared with it."""
-    key = "bench_throughput"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, BENCH_DIR / "throughput.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
+    return load("throughput")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,7 +29,6 @@ Prints one JSON object and a short table, with the load average at start and end
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -45,6 +44,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR.parent))  # bench.siblings, and the repository's own packages
+
+from bench.siblings import load as sibling  # noqa: E402  (after the path)
+
 VIEW_TARGET_RATIO = 1.6  # issue 7: the K-view path for a quarter of the items costs at most 1.6x the cheap path
 
 # random-weight shapes for throughput on larger models (no download: the bundled tokenizer is used)
@@ -66,17 +69,6 @@ DEFAULTS = {
     False: {"model": "bundled", "batch": 8, "tokens": 64, "steps": 3, "warmup": 1, "repeats": 5},
     True: {"model": "tiny", "batch": 2, "tokens": 4, "steps": 1, "warmup": 0, "repeats": 2},
 }
-
-
-def sibling(name: str):
-    """Import bench/<name>.py (bench/ is scripts, not a package)."""
-    key = f"bench_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, BENCH_DIR / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
 
 
 def progress(msg: str) -> None:

@@ -54,6 +54,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR.parent))  # bench.siblings, and the repository's own packages
+
+from bench.siblings import load  # noqa: E402  (after the path)
+
 SYSTEMS = ("trl", "sd", "edge", "sd-llamacpp", "edge-llamacpp")
 DEFAULT_SYSTEMS = ("trl", "sd", "edge")
 LLAMACPP_SUFFIX = "-llamacpp"  # ours with rollouts sampled by llama.cpp (adapters.llama_rollout)
@@ -68,13 +72,7 @@ DEFAULTS = {
 
 def throughput():
     """bench/throughput.py: model loading, items and our trainer set-up are shared with it."""
-    key = "bench_throughput"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, BENCH_DIR / "throughput.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
+    return load("throughput")
 
 
 def trl_available() -> bool:

@@ -3,24 +3,15 @@ keys, finite."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load(name: str):
-    key = f"bench_{name}"  # the name the scripts use for each other, so they share one module
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, ROOT / "bench" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
+    """bench/<name>.py under the key the scripts use for each other, so they share one module."""
+    from bench.siblings import load
+
+    return load(name)
 
 
 @pytest.fixture(scope="module")
