@@ -4,6 +4,7 @@ keys, finite."""
 from __future__ import annotations
 
 import math
+
 import pytest
 
 
