@@ -40,6 +40,26 @@ def completion_lengths(completion_mask: torch.Tensor) -> list[int] | None:
     return lengths.tolist()
 
 
+def _packable_lengths(prompts: Sequence[Sequence[int]], completion_mask: torch.Tensor) -> list[int] | None:
+    """Each row's real completion tokens, or None where the rows cannot be packed (a mask with holes, an
+    empty prompt): the one rule `pack_completion_rows` and `packed_length` share."""
+    lengths = completion_lengths(completion_mask)
+    if lengths is None or any(len(p) == 0 for p in prompts):
+        return None
+    return lengths
+
+
+def packed_length(prompts: Sequence[Sequence[int]], completion_mask: torch.Tensor) -> int | None:
+    """N of the (1, N) sequence `pack_completion_rows` would build, without building it (None: it would not).
+
+    The activation budget needs this count before the forward; packing the ids twice would be wasted work.
+    """
+    lengths = _packable_lengths(prompts, completion_mask)
+    if lengths is None:
+        return None
+    return sum(len(prompt) + n - 1 for prompt, n in zip(prompts, lengths, strict=True) if n > 0)
+
+
 def pack_completion_rows(prompts: Sequence[Sequence[int]], completion_ids: torch.Tensor,
                          completion_mask: torch.Tensor, position_offset: int = 0) -> PackedRows | None:
     """Pack each row's prompt and the completion tokens that predict its real completion tokens.
@@ -49,8 +69,8 @@ def pack_completion_rows(prompts: Sequence[Sequence[int]], completion_ids: torch
     real completion token is left out (its outputs are never read). None when a mask has holes or a
     prompt is empty: the caller then runs the padded batch.
     """
-    lengths = completion_lengths(completion_mask)
-    if lengths is None or any(len(p) == 0 for p in prompts):
+    lengths = _packable_lengths(prompts, completion_mask)
+    if lengths is None:
         return None
     B, L = completion_ids.shape
     device = completion_ids.device

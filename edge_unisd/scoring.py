@@ -28,7 +28,7 @@ from edge_unisd.losses import (
     pick_token_logps,
     sampled_token_logps,
 )
-from edge_unisd.packing import pack_completion_rows, unpack_rows
+from edge_unisd.packing import pack_completion_rows, packed_length, unpack_rows
 from edge_unisd.rollout import Rollout, left_pad
 from edge_unisd.vocab_grad import (
     VocabScratch,
@@ -66,9 +66,9 @@ def forward_tokens(model, prompts: Sequence[Sequence[int]], rollout: Rollout, pa
     """Positions `completion_hidden` runs through the decoder for this batch: real tokens when packed."""
     B, L = rollout.completion_ids.shape
     if pack is not False and packs_rows(model):
-        packed_rows = pack_completion_rows(prompts, rollout.completion_ids, rollout.completion_mask)
-        if packed_rows is not None:
-            return packed_rows.num_tokens
+        n = packed_length(prompts, rollout.completion_mask)
+        if n is not None:
+            return n
     return B * (max(map(len, prompts)) + L - 1)
 
 

@@ -9,7 +9,7 @@ import torch
 from torch.testing import assert_close
 
 from edge_unisd.attention import Segments, gqa_sdpa_forward, use_gqa_attention
-from edge_unisd.packing import completion_lengths, pack_completion_rows, unpack_rows
+from edge_unisd.packing import completion_lengths, pack_completion_rows, packed_length, unpack_rows
 from edge_unisd.rollout import Rollout
 from edge_unisd.scoring import completion_hidden, completion_hidden_shared_prefix, forward_tokens, packs_rows
 from tests.conftest import make_tiny_llama
@@ -36,6 +36,14 @@ def test_pack_hand_example():
 ])
 def test_pack_refuses_what_it_cannot_represent(mask, prompts):
     assert pack_completion_rows(prompts, torch.tensor([[3, 4, 5]]), torch.tensor(mask)) is None
+    assert packed_length(prompts, torch.tensor(mask)) is None
+
+
+def test_packed_length_is_the_packed_sequence_length():
+    prompts = [[5, 6, 7], [8, 9], [4], [1, 2, 3, 4]]
+    completion = torch.arange(16).reshape(4, 4)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]])
+    assert packed_length(prompts, mask) == pack_completion_rows(prompts, completion, mask).num_tokens == 5 + 2 + 7
 
 
 def test_completion_lengths():
