@@ -221,9 +221,7 @@ class LlamaCppRollout:
         self._finalizer = weakref.finalize(self, _release, self._ll, self._held)
         self.totals = {"adapter_tensors": 0.0, "adapter_write": 0.0, "adapter_load": 0.0, "merged_write": 0.0,
                        "generate": 0.0, "calls": 0, "tokens": 0}
-        self._load(self.base_gguf)
-        self._shape = self._model_shape()
-        self.lora_mode = self._start_merged(lora) if lora != "adapter" else "adapter"
+        self.lora_mode = self._load_model(lora)
 
     @property
     def _llm(self):
@@ -237,31 +235,36 @@ class LlamaCppRollout:
                                                verbose=False)
         except (ValueError, RuntimeError) as e:
             raise RolloutBackendError(f"{self.base_gguf}: llama.cpp cannot load it as a model: {e}") from e
+        self._shape = self._model_shape()
 
-    def _start_merged(self, lora: str) -> str:
-        """Sample from merged weights (adapters/merged_rollout_weights.py) where they can be kept: "merged",
-        else "adapter" (or an error when `lora` insists on merged)."""
+    def _load_model(self, lora: str) -> str:
+        """Load the model llama.cpp samples from, once, and say how the LoRA reaches it: "merged" from a private
+        copy (adapters/merged_rollout_weights.py) where one can be kept and llama.cpp sees its writes, else
+        "adapter" on the base file (an error instead when `lora` insists on merged)."""
+        if lora == "adapter":
+            self._load(self.base_gguf)
+            return "adapter"
         from adapters.merged_rollout_weights import MergedWeights, MergedWeightsError
 
         try:
             merged = MergedWeights(self.base_gguf)
         except MergedWeightsError as e:
-            return self._no_merged(lora, str(e))
-        self._free_context()
-        self._held["llm"].close()
-        self._held["llm"], self._held["merged"] = None, merged
-        try:
-            self._load(merged.path)
-            if self._writes_reach_llama(merged):
-                return "merged"
-            why = "this llama.cpp build does not read weights from the file mapping"
-        except (MergedWeightsError, RolloutBackendError) as e:
-            why = str(e)
-        self._free_context()  # back to the base file, the LoRA as an adapter
-        if self._held["llm"] is not None:
-            self._held["llm"].close()
-        merged.close()
-        self._held["llm"], self._held["merged"] = None, None
+            merged, why = None, str(e)
+        if merged is not None:
+            self._held["merged"] = merged
+            try:
+                self._load(merged.path)
+                if self._writes_reach_llama(merged):
+                    return "merged"
+                why = "this llama.cpp build does not read weights from the file mapping"
+            except (MergedWeightsError, RolloutBackendError) as e:
+                why = str(e)
+            self._free_context()  # back to the base file, the LoRA as an adapter
+            if self._held["llm"] is not None:
+                self._held["llm"].close()
+                self._held["llm"] = None
+            merged.close()
+            self._held["merged"] = None
         self._load(self.base_gguf)
         return self._no_merged(lora, why)
 
