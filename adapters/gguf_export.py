@@ -287,11 +287,6 @@ def write_merged_from_gguf_base(base_gguf: Path, state: Mapping[str, Any], out: 
     return write_gguf(Path(out), shape.arch, add_metadata, planned)
 
 
-def is_unquantised(reader: gguf.GGUFReader) -> bool:
-    """True when every tensor of the file is stored as F32, F16 or BF16 (nothing to dequantise)."""
-    return all(QT(t.tensor_type) in (QT.F32, QT.F16, QT.BF16) for t in reader.tensors)
-
-
 def retype_gguf(src: Path, out: Path, quant: str) -> Path:
     """`src` with every tensor dequantised and stored as `quant` (f32, f16, bf16, q8_0); metadata copied.
 

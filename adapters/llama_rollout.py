@@ -138,17 +138,15 @@ def _prune_older_copies(keep: Path, stem: str, weights: str) -> None:
 
 @functools.lru_cache(maxsize=8)
 def _gguf_facts(path: str, size: int, mtime_ns: int) -> tuple[str, bool]:
-    """(sha256, stored unquantised) of a GGUF, once per file version per process: hashing and parsing a
-    base take ~2 s, and the daemon builds a rollout backend every round."""
-    from gguf import GGUFReader
-
-    from adapters.gguf_export import is_unquantised
+    """(sha256, stored unquantised) of a GGUF, once per file version per process: the daemon builds a
+    rollout backend every round. The tensor table is read without the vocabulary (adapters/gguf_tensor_table)."""
+    from adapters.gguf_tensor_table import GGUFTableError, cached_tensor_table, is_unquantised
     from edge_unisd.modeling import sha256_file
 
     try:
-        unquantised = is_unquantised(GGUFReader(path))
-    except (ValueError, OSError, KeyError, IndexError) as e:  # gguf's reader raises these on a damaged file
-        raise RolloutBackendError(f"{path}: cannot be read as GGUF ({e}); re-download or re-convert it") from e
+        unquantised = is_unquantised(cached_tensor_table(path, size, mtime_ns))
+    except GGUFTableError as e:
+        raise RolloutBackendError(f"{e}; re-download or re-convert it") from e
     return sha256_file(Path(path)), unquantised
 
 

@@ -363,6 +363,15 @@ def test_unknown_rollout_weights_name_the_choices(tiny, tmp_path):
         load_method_config("sd", {"rollout": {"llama_weights": "q4_0"}})
 
 
+def test_damaged_base_gets_an_error_naming_it(tiny, tmp_path):
+    from adapters.llama_rollout import rollout_weights_file
+
+    damaged = tmp_path / "damaged.gguf"
+    damaged.write_bytes(tiny[1].read_bytes()[:2000])  # cut inside the vocabulary
+    with pytest.raises(RolloutBackendError, match=r"damaged\.gguf: ends at byte 2000 .*re-download or re-convert"):
+        rollout_weights_file(damaged, "f16", tmp_path)
+
+
 def test_q8_0_copy_is_quantised_on_request(tiny, tmp_path):
     import numpy as np
     from gguf import GGMLQuantizationType as QT
