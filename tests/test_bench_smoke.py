@@ -1,5 +1,5 @@
-"""bench/limit.py, throughput.py, vs_trl.py, packing.py, rollout_lora.py: each --tiny run gives the documented
-keys, finite."""
+"""bench/limit.py, throughput.py, vs_trl.py, packing.py, rollout_lora.py, decode_rate.py: each --tiny run
+gives the documented keys, finite."""
 
 from __future__ import annotations
 
@@ -209,3 +209,25 @@ def test_rollout_lora_tiny_run():
     totals = r["backend_totals"]
     assert totals["merged"]["merged_write"] > 0 and totals["merged"]["adapter_write"] == 0
     assert totals["adapter"]["adapter_write"] > 0 and totals["adapter"]["merged_write"] == 0
+
+
+# --- decode_rate -----------------------------------------------------------------------------------
+
+def test_decode_rate_tiny_run():
+    pytest.importorskip("llama_cpp")
+    bench = _load("decode_rate")
+    r = bench.run(["--tiny"])
+    assert_load_avg(r["machine"])
+    assert {(p["weights"], p["rows"]) for p in r["points"]} == {(w, n) for w in ("f16", "base") for n in (1, 2)}
+    for p in r["points"]:
+        assert finite(p["step_ms"]) and p["step_ms"] >= 0 and p["seconds"] >= p["first_token_seconds"] > 0
+    assert set(r["fits"]) == {"f16", "base"} and all(finite(v) for f in r["fits"].values() for v in f.values())
+    assert r["settings"]["forward_flops_per_row_step"] > 0
+
+
+def test_decode_rate_line_fit_recovers_fixed_and_per_row_cost():
+    from bench.siblings import load
+
+    fit_line = load("decode_rate").fit_line
+    assert fit_line([1, 4, 8, 16], [8.0 + 6.0 * n for n in (1, 4, 8, 16)]) == pytest.approx((8.0, 6.0))
+    assert fit_line([8], [50.0]) == (50.0, 0.0)
