@@ -124,17 +124,19 @@ def random_model_config(spec: str, tokenizer):
     return config
 
 
-def load_model(spec: str, *, device: str | None = None, dtype: str | None = None, seed: int = 0):
+def load_model(spec: str, *, device: str | None = None, dtype: str | None = None, seed: int = 0,
+               quantization: str = "none"):
     """`bundled` (SmolLM2-135M via edge_unisd.modeling.load_base) or random weights of another shape.
 
-    Returns edge_unisd.modeling.LoadedModel: frozen base in eval mode, like load_base.
+    Returns edge_unisd.modeling.LoadedModel: frozen base in eval mode, like load_base. `quantization="nf4"`:
+    a QLoRA base; random weights then go through a temporary folder, as load_base quantises on load.
     """
     import torch
 
     from edge_unisd.modeling import BaseSource, LoadedModel, load_base, pick_device_dtype
 
     if spec == "bundled":
-        return load_base(device=device, dtype=dtype)
+        return load_base(device=device, dtype=dtype, quantization=quantization)
     from transformers import AutoModelForCausalLM
 
     from edge_unisd.heap import configure_heap
@@ -148,10 +150,21 @@ def load_model(spec: str, *, device: str | None = None, dtype: str | None = None
         model = AutoModelForCausalLM.from_config(config, dtype=dt)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
+    source = BaseSource("hf", Path(f"/random/{spec}"), f"random-{spec}-{seed}")
+    if quantization != "none":
+        import dataclasses
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="bench-qlora-") as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            del model
+            loaded = load_base(Path(tmp), device=device, dtype=dtype, quantization=quantization)
+        return dataclasses.replace(loaded, source=source)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return LoadedModel(model, tok, BaseSource("hf", Path(f"/random/{spec}"), f"random-{spec}-{seed}"), dev, dt)
+    return LoadedModel(model, tok, source, dev, dt)
 
 
 def model_summary(name: str, loaded) -> dict[str, Any]:
@@ -345,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MB of decoder activations kept instead of recomputed (default: the config's)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--quantize", choices=("none", "nf4"), default="none",
+                   help="nf4: QLoRA, the base's linear weights in 4-bit (bitsandbytes), computed in --dtype")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: every CPU)")
     p.add_argument("--repeats", type=int, default=None, help="matmul timing repeats for the MFU ceiling")
     p.add_argument("--tiny", action="store_true", help="smoke run: tiny random llama, 1 step, 4 tokens")
@@ -378,7 +393,10 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.compare_views and not (cfg.uses_views and cfg.agreement_routing == "given"):
         raise SystemExit(f"--compare-views needs a preset that routes K views to given items (edge), "
                          f"not {args.preset!r}")
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    if args.quantize != "none" and args.rollout_backend == "llamacpp":
+        raise SystemExit("--quantize nf4 with --rollout-backend llamacpp: llama.cpp would sample from the GGUF's "
+                         "weights, not the 4-bit ones trained on (the daemon uses HF generate then)")
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, quantization=args.quantize)
     rss_loaded, peak_at_load = rss_gb(), peak_rss_gb()
     per_step = 2 if args.compare_views else 1
     items, pool = bench_items(args.batch * (args.warmup + args.steps))
@@ -426,6 +444,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                      "gradient_checkpointing": cfg.gradient_checkpointing,
                      "activation_budget_mb": cfg.activation_budget_mb, "kept_layers": trainer.kept_layers,
                      "chunk_tokens": cfg.chunk_tokens, "rollout_backend": args.rollout_backend,
+                     "quantization": loaded.quantization,
                      "rollout_lora": backend.lora_mode if backend else None},
         "rollout_backend_totals": dict(backend.totals) if backend else None,
         **summary,
@@ -446,7 +465,8 @@ def print_table(r: Mapping[str, Any]) -> None:
     m, s = r["machine"], r["settings"]
     print(f"\n{'machine':24s} {m['processor']} x{m['cpus']} ({m['torch_threads']} threads, {m['device']})   "
           f"load {m['load_avg_start']} -> {m['load_avg_end']}")
-    print(f"{'model / preset':24s} {r['model']['name']} ({r['model']['dtype']}) / {s['preset']}   "
+    quantized = "" if s.get("quantization", "none") == "none" else f", {s['quantization']} base"
+    print(f"{'model / preset':24s} {r['model']['name']} ({r['model']['dtype']}{quantized}) / {s['preset']}   "
           f"batch {s['batch']} x {s['tokens']} tokens, {s['steps']} steps, "
           f"{s['view_items_per_step']} items/step get K={s['num_views']} views, rollouts: {s['rollout_backend']}")
     print(f"{'whole step':24s} {_fmt(r['tokens_per_s'])} completion tokens/s   {r['seconds_per_step']:.2f} s/step")

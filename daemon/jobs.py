@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -124,14 +125,27 @@ def tiny_test_model_folder() -> Path:
     return target
 
 
-def default_model_loader(spec: str | None):
+def default_model_loader(spec: str | None, quantization: str = "none"):
     """The base model of the settings (None: the bundled SmolLM2-135M); tests inject a tiny one."""
     from edge_unisd.modeling import ModelLoadError, load_base
 
     try:
-        return load_base(base_source(spec))
+        return load_base(base_source(spec), quantization=quantization)
     except ModelLoadError as e:
         raise AdaptError(str(e)) from None
+
+
+def settings_model_loader(settings: DaemonSettings, model_loader: ModelLoader | None = None) -> ModelLoader:
+    """The caller's loader (tests: a tiny model), else the default one with the settings' base quantization."""
+    if model_loader is not None:
+        return model_loader
+    return functools.partial(default_model_loader, quantization=settings.base_quantization)
+
+
+def _base_key(loaded: Any) -> str:
+    """The base weights a measurement was made on: the source's fingerprint, and its quantization if any."""
+    quantization = getattr(loaded, "quantization", "none")
+    return loaded.source.fingerprint + ("" if quantization == "none" else f"+{quantization}")
 
 
 def export_promoted(home: Home, settings: DaemonSettings, version: str, adapter_dir: Path,
@@ -513,7 +527,7 @@ def adapt_once(home: Home, *, max_seconds: float | None = None, max_items: int |
     overrides = with_settings_defaults(settings, overrides or {})
     _method_config(preset or settings.preset, overrides)  # a bad preset fails before any work
     sensors = sensors or read_sensors
-    loader = model_loader or default_model_loader
+    loader = settings_model_loader(settings, model_loader)
     with Store.open(home) as store, _round_lock(home):
         remove_stale_temps(home.adapters)
         remove_stale_temps(home.checkpoints)
@@ -575,8 +589,10 @@ def _fingerprint_fn(loaded, overrides: Mapping[str, Any], engine: str | None = N
     used; before a round, the one its config would pick (`_planned_rollout_engine`)."""
     def fingerprint(preset: str) -> dict:
         used = engine or _planned_rollout_engine(_method_config(preset, overrides), loaded)
+        quantization = getattr(loaded, "quantization", "none")
+        extra = {} if quantization == "none" else {"quantization": quantization}
         return cost_fingerprint(loaded.source.fingerprint[:16], str(loaded.device), dtype=str(loaded.dtype),
-                                preset=preset, rollout=used)
+                                preset=preset, rollout=used, **extra)
     return fingerprint
 
 
@@ -586,9 +602,18 @@ def _planned_rollout_engine(cfg: MethodConfig, loaded: Any) -> str:
 
 
 def _wants_llama_cpp(cfg: MethodConfig, loaded: Any) -> bool:
-    """llama.cpp rollouts asked for: `llamacpp`, or `auto` with a GGUF base on CPU."""
+    """llama.cpp rollouts asked for: `llamacpp`, or `auto` with a full-precision GGUF base on CPU.
+
+    An nf4 (QLoRA) base is sampled by HF generate: llama.cpp would sample from the GGUF's weights, not
+    the 4-bit ones the adapter trains on, so the samples would be off-policy by the nf4 rounding."""
     kind = cfg.rollout.backend
-    return kind == "llamacpp" or (kind == "auto" and loaded.source.kind == "gguf" and loaded.device.type == "cpu")
+    quantized = getattr(loaded, "quantization", "none") != "none"
+    if kind == "llamacpp" and quantized:
+        raise AdaptError(f"rollout_backend \"llamacpp\" samples from the GGUF's weights, but base_quantization is "
+                         f"{loaded.quantization!r}: the adapter trains on other weights. Set rollout_backend = "
+                         "\"auto\" or \"hf\", or base_quantization = \"none\", in settings.toml")
+    return kind == "llamacpp" or (kind == "auto" and not quantized and loaded.source.kind == "gguf"
+                                  and loaded.device.type == "cpu")
 
 
 def _rollout_engine_name(cfg: MethodConfig, llama_cpp: bool) -> str:
@@ -614,7 +639,7 @@ def _run_round(home: Home, store: Store, settings: DaemonSettings, pending: Pend
     model = _student_model(loaded, cfg, _adapter_dir(parent))
 
     # --- before: the current version's metrics (cached per version and held-out set) ---
-    before_key = _eval_key(pending.parent, loaded.source.fingerprint, heldout, prompts, checks, eval_settings)
+    before_key = _eval_key(pending.parent, _base_key(loaded), heldout, prompts, checks, eval_settings)
     before = _cached_eval(store, before_key)
     if before is None:
         _emit(progress, f"evaluating {pending.parent or 'the base model'} on {len(heldout)} held-out items")
@@ -697,7 +722,7 @@ def _run_round(home: Home, store: Store, settings: DaemonSettings, pending: Pend
     store.add_adapter_version(version, adapter_dir, parent=pending.parent, status="candidate", metrics=metrics)
     status, why = _judge(registry, store, v, items, verdict.promote, verdict.reason)
     sync_store(store, registry)
-    after_key = _eval_key(version, loaded.source.fingerprint, heldout, prompts, checks, eval_settings)
+    after_key = _eval_key(version, _base_key(loaded), heldout, prompts, checks, eval_settings)
     _cache_eval(store, after_key, after)  # the next round's "before" when this version is promoted
     if reason == ["budget"]:
         summary["stopped"] = "budget spent"
@@ -801,7 +826,7 @@ def evaluate_current(home: Home, *, model_loader: ModelLoader | None = None,
         heldout = store.held_out_items()[-es.max_heldout_items:]
         checks = _load_checks(home)
         _emit(progress, "loading the base model...")
-        loaded = (model_loader or default_model_loader)(settings.base_model)
+        loaded = settings_model_loader(settings, model_loader)(settings.base_model)
         model = loaded.model
         adapter_dir = _adapter_dir(version)
         if adapter_dir is not None:
@@ -812,7 +837,7 @@ def evaluate_current(home: Home, *, model_loader: ModelLoader | None = None,
                         f"{len(heldout)} held-out items...")
         prompts = _general_prompts()[:es.general_prompts]
         metrics = evaluate(model, loaded.tokenizer, heldout, prompts, checks, settings=es)
-        _cache_eval(store, _eval_key(version.version if version else None, loaded.source.fingerprint, heldout,
+        _cache_eval(store, _eval_key(version.version if version else None, _base_key(loaded), heldout,
                                      prompts, checks, es), metrics)
     return {"adapter": version.version if version else None, "held_out_items": len(heldout),
             "metrics": metrics, "bounds": {"max_retention_jsd": es.max_retention_jsd,

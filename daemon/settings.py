@@ -54,6 +54,9 @@ class DaemonSettings(BaseModel):
     serve_port: int = Field(8765, ge=1, le=65_535, description="serve: TCP port")
     serve_api_key: str | None = Field(None, min_length=16, max_length=256,
                                       description="serve: bearer key every request must carry (>= 16 chars)")
+    base_quantization: Literal["none", "nf4"] = Field(
+        "none", description="QLoRA: nf4 holds the base's linear weights in 4-bit (bitsandbytes, the [gpu] extra) "
+        "to fit larger models in GPU memory; none trains on the full-precision base")
     rollout_backend: RolloutBackendName = Field(
         "auto", description="who samples the on-policy answers: auto (llama.cpp for a GGUF base on CPU, "
         "else transformers), hf (transformers generate) or llamacpp (insist)")

@@ -211,6 +211,19 @@ def test_rollout_lora_tiny_run():
     assert totals["adapter"]["adapter_write"] > 0 and totals["adapter"]["merged_write"] == 0
 
 
+def test_throughput_tiny_run_on_an_nf4_base(throughput):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    r = throughput.run(["--tiny", "--quantize", "nf4", "--preset", "sd"])
+    assert r["settings"]["quantization"] == "nf4" and r["settings"]["rollout_backend"] == "hf"
+    assert finite(r["tokens_per_s"]) and r["tokens_per_s"] > 0
+    loaded = throughput.load_model("tiny", quantization="nf4")
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in loaded.model.modules())
+    with pytest.raises(SystemExit, match="llama.cpp would sample from the GGUF's weights"):
+        throughput.run(["--tiny", "--quantize", "nf4", "--rollout-backend", "llamacpp"])
+
+
 # --- decode_rate -----------------------------------------------------------------------------------
 
 def test_decode_rate_tiny_run():

@@ -479,3 +479,66 @@ def test_cost_model_fingerprint_names_the_rollout_engine(tmp_path):
     assert engine({}, used="hf") == "hf"  # a round that fell back to HF generate is recorded as such
     planned = jobs._fingerprint_fn(loaded("gguf"), {})("edge")
     assert planned != jobs._fingerprint_fn(loaded("gguf"), {"rollout": {"backend": "hf"}})("edge")
+
+
+# --- QLoRA: base_quantization ----------------------------------------------------------------------
+
+def test_an_nf4_base_is_sampled_by_hf_generate_and_planned_apart(tmp_path):
+    """llama.cpp would sample from the GGUF's weights, not the 4-bit ones the adapter trains on."""
+    from types import SimpleNamespace
+
+    from edge_unisd.modeling import bundled_model_path
+
+    def loaded(quantization: str):
+        return SimpleNamespace(source=SimpleNamespace(kind="gguf", path=bundled_model_path(), fingerprint="f" * 64),
+                               tokenizer=None, device=torch.device("cpu"), dtype=torch.float32,
+                               quantization=quantization)
+
+    assert jobs._rollout_backend(_method("auto"), loaded("nf4")) is None  # HF generate, no llama.cpp loaded
+    with pytest.raises(jobs.AdaptError, match="base_quantization is 'nf4'.*rollout_backend = \"auto\" or \"hf\""):
+        jobs._rollout_backend(_method("llamacpp"), loaded("nf4"))
+    nf4 = jobs._fingerprint_fn(loaded("nf4"), {})("edge")
+    full = jobs._fingerprint_fn(loaded("none"), {})("edge")
+    assert nf4["rollout"] == "hf" and nf4["quantization"] == "nf4"
+    assert "quantization" not in full  # unchanged for full-precision bases: their stored cost models still match
+    assert jobs._base_key(loaded("nf4")) != jobs._base_key(loaded("none")) == "f" * 64  # eval caches apart
+
+
+def test_base_quantization_setting_reaches_the_model_loader(home, monkeypatch):
+    from daemon.settings import load_settings
+
+    seen = {}
+
+    def fake_load_base(source, *, quantization="none", **_):
+        seen["quantization"] = quantization
+        return "loaded"
+
+    monkeypatch.setattr("edge_unisd.modeling.load_base", fake_load_base)
+    monkeypatch.setenv("EDGE_UNISD_BASE_QUANTIZATION", "nf4")
+    settings = load_settings(home.settings)
+    assert settings.base_quantization == "nf4"
+    assert jobs.settings_model_loader(settings)(None) == "loaded" and seen["quantization"] == "nf4"
+    injected = object()
+    assert jobs.settings_model_loader(settings, injected) is injected  # a caller's loader (tests) wins
+    monkeypatch.setenv("EDGE_UNISD_BASE_QUANTIZATION", "int3")
+    with pytest.raises(Exception, match="EDGE_UNISD_BASE_QUANTIZATION.*'none' or 'nf4'"):
+        load_settings(home.settings)
+
+
+def test_a_qlora_round_promotes_and_exports_from_the_full_precision_base(home, tiny_folder, monkeypatch, tiny_bars):
+    pytest.importorskip("bitsandbytes")
+    from adapters.merge import is_quantized
+    from edge_unisd.modeling import load_base
+
+    monkeypatch.setattr(jobs, "export_promoted", REAL_EXPORT)
+    models = []
+
+    def nf4_loader(spec):
+        models.append(load_base(tiny_folder, quantization="nf4"))
+        return models[-1]
+
+    r = adapt(home, nf4_loader)
+    assert r["status"] == "promoted", r.get("reason")
+    assert models and all(is_quantized(m.model) for m in models)  # the round trained on the 4-bit base
+    assert r["export"]["quant"] == "f16" and r["export"]["verify"]["passed"]  # merged into fp32, verified
+    assert (home.exports / "current.gguf").is_file()
