@@ -186,10 +186,23 @@ def load_base(
         tokenizer.pad_token = tokenizer.eos_token
     if not quantized:
         model.to(dev)  # a bitsandbytes model is placed by its device_map and cannot be moved
+    elif dev.type == "cpu":
+        _copy_out_of_checkpoint_map(model)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return LoadedModel(model, tokenizer, source, dev, dt, quantization)
+
+
+def _copy_out_of_checkpoint_map(model: torch.nn.Module) -> None:
+    """Give a quantised CPU model's full-precision parameters (embeddings, norms) memory of their own.
+
+    They are views of the checkpoint's memory map, which then stays mapped with the fp32 pages of every
+    weight that was quantised still resident: 0.91 GB RSS for SmolLM2-135M in nf4, 0.60 GB after this.
+    """
+    for param in model.parameters():
+        if not hasattr(param, "quant_state"):  # bitsandbytes' 4-bit weights carry their quantisation state
+            param.data = param.data.clone()  # the Parameter object stays: tied weights stay tied
 
 
 def _quantization_kwargs(quantization: str, device: torch.device, dtype: torch.dtype) -> dict:

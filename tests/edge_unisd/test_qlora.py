@@ -100,3 +100,14 @@ def test_unknown_or_unavailable_quantization_is_a_clear_error(tiny_folder, monke
                         lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     with pytest.raises(ModelLoadError, match=r"needs bitsandbytes: pip install 'edge-unisd\[gpu\]'"):
         load_base(tiny_folder, device="cpu", quantization="nf4")
+
+
+def test_a_cpu_nf4_base_lets_go_of_the_checkpoint_file(tiny_folder):
+    """Its full-precision parameters are copied out of the safetensors map, so the fp32 pages can go."""
+    import psutil
+
+    loaded = load_base(tiny_folder, device="cpu", dtype="float32", quantization="nf4")
+    model = loaded.model
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    checkpoint = str(tiny_folder / "model.safetensors")
+    assert not [m for m in psutil.Process().memory_maps(grouped=False) if m.path == checkpoint]
