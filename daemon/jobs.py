@@ -139,6 +139,8 @@ def settings_model_loader(settings: DaemonSettings, model_loader: ModelLoader | 
     """The caller's loader (tests: a tiny model), else the default one with the settings' base quantization."""
     if model_loader is not None:
         return model_loader
+    if settings.base_quantization == "none":
+        return default_model_loader
     return functools.partial(default_model_loader, quantization=settings.base_quantization)
 
 
