@@ -51,7 +51,11 @@ from bench.siblings import load as sibling  # noqa: E402  (after the path)
 VIEW_TARGET_RATIO = 1.6  # issue 7: the K-view path for a quarter of the items costs at most 1.6x the cheap path
 
 # random-weight shapes for throughput on larger models (no download: the bundled tokenizer is used)
+TOKENIZER_ENV = "EDGE_UNISD_BENCH_TOKENIZER"
 NAMED_CONFIGS: dict[str, dict[str, Any]] = {
+    "smollm2-135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,  # the bundled shape
+                     "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
+                     "tie_word_embeddings": True},
     "smollm2-360m": {"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
                      "num_attention_heads": 15, "num_key_value_heads": 5, "vocab_size": 49152,
                      "tie_word_embeddings": True},
@@ -91,12 +95,14 @@ def peak_rss_gb() -> float:
 # --- model ---------------------------------------------------------------------------------------
 
 def bundled_tokenizer():
-    """The bundled SmolLM2 tokenizer, from the converted-model cache (converted once if missing)."""
+    """The bundled SmolLM2 tokenizer, from the converted-model cache (converted once if missing), or from the
+    folder $EDGE_UNISD_BENCH_TOKENIZER names: a machine without the bundled model (bench/gpu/run.sh)."""
     from transformers import AutoTokenizer
 
     from edge_unisd.modeling import gguf_to_hf_folder, resolve_base
 
-    tok = AutoTokenizer.from_pretrained(gguf_to_hf_folder(resolve_base(None)))
+    folder = os.environ.get(TOKENIZER_ENV) or gguf_to_hf_folder(resolve_base(None))
+    tok = AutoTokenizer.from_pretrained(folder)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -244,3 +244,28 @@ def test_decode_rate_line_fit_recovers_fixed_and_per_row_cost():
     fit_line = load("decode_rate").fit_line
     assert fit_line([1, 4, 8, 16], [8.0 + 6.0 * n for n in (1, 4, 8, 16)]) == pytest.approx((8.0, 6.0))
     assert fit_line([8], [50.0]) == (50.0, 0.0)
+
+
+# --- gpu_check.sh ----------------------------------------------------------------------------------
+
+def test_gpu_check_script_smoke_run_writes_each_runs_json(tmp_path):
+    """bench/gpu_check.sh runs on a device machine no test reaches: its `smoke` mode runs the same steps
+    with tiny shapes on CPU, so a renamed flag or a broken bench breaks here first."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("bitsandbytes")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OUT": str(tmp_path), "PY": sys.executable}
+    done = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh"), "smoke"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    log = (tmp_path / "log.txt").read_text()
+    assert log.count("exit 0") == 3, log[-2000:]
+    runs = {name: json.loads((tmp_path / f"{name}.json").read_text())
+            for name in ("limit", "135m-edge-64", "1.7b-edge-64-nf4")}
+    assert runs["135m-edge-64"]["compare_views"] is not None
+    assert runs["1.7b-edge-64-nf4"]["settings"]["quantization"] == "nf4"
