@@ -200,7 +200,8 @@ def status_dict(home: Home, store: Store) -> dict[str, Any]:
         "daemon": {"pid": lock_holder(home.root)},
         "spool": {"incoming": incoming},
         "settings": {"preset": settings.preset, "collect": settings.collect, "export_quant": settings.export_quant,
-                     "round_budget_seconds": settings.round_budget_seconds},
+                     "round_budget_seconds": settings.round_budget_seconds,
+                     "base_quantization": settings.base_quantization},
     }
 
 
@@ -223,7 +224,9 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"{s['items']['held_out']} held out for evaluation")
     print(f"profile:     {s['profile']['chars']} characters")
     now = f"{cur['version']} ({cur['reason'] or cur['status']})" if cur else "none yet (base model)"
-    print(f"adapter:     {now}; {s['adapter']['versions']} version(s) on disk")
+    quantized = s["settings"]["base_quantization"]
+    print(f"adapter:     {now}; {s['adapter']['versions']} version(s) on disk"
+          + ("" if quantized == "none" else f"; trained on an {quantized} base (QLoRA)"))
     if last:
         m = last.get("metrics") or {}
         fit = (m.get("before") or {}).get("fit_nll"), (m.get("after") or {}).get("fit_nll")

@@ -146,8 +146,10 @@ def test_status_json(home, tmp_path, capsys):
     # real gates from this machine's sensors and the settings' [budget] table
     assert isinstance(s["gates"]["open"], bool) and {"power", "load", "memory"} <= set(s["gates"]["gates"])
     assert all(g["state"] in ("open", "closed", "unknown") for g in s["gates"]["gates"].values())
+    assert s["settings"]["base_quantization"] == "none"
     rc, out, _ = run(capsys, "status", "--home", str(home))
     assert rc == 0 and "2 stored, 2 waiting" in out and "daemon:      not running" in out
+    assert "QLoRA" not in out
 
 
 def test_status_gates_follow_the_budget_settings(home, capsys):
@@ -286,3 +288,9 @@ def test_a_bad_heap_policy_is_a_usage_error_naming_the_variable(tmp_path, capsys
     rc, out, err = run(capsys, "status", "--home", str(tmp_path / "h"))
     assert rc == 2 and out == ""
     assert "EDGE_UNISD_HEAP='huge'" in err and "'fast'" in err and "Traceback" not in err
+
+
+def test_status_says_when_the_base_is_quantised(home, capsys, monkeypatch):
+    monkeypatch.setenv("EDGE_UNISD_BASE_QUANTIZATION", "nf4")
+    rc, out, _ = run(capsys, "status", "--home", str(home))
+    assert rc == 0 and "trained on an nf4 base (QLoRA)" in out
