@@ -21,6 +21,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
 GGUF_MAGIC = b"GGUF"
@@ -127,7 +128,9 @@ def _parse(buf: memoryview, where: str) -> list[TensorEntry]:
         for _ in range(n_kv):
             key = cur.string()
             value_type = cur.take("<I")
-            if key == b"general.alignment" and value_type == _UINT32:
+            if key == b"general.alignment":
+                if value_type != _UINT32:
+                    raise GGUFTableError(f"{where}: general.alignment has value type {value_type}, not UINT32")
                 alignment = cur.take("<I")
             else:
                 cur.skip_value(value_type)
@@ -139,9 +142,34 @@ def _parse(buf: memoryview, where: str) -> list[TensorEntry]:
             cur.skip(8 * n_dims)
             ggml_type, offset = cur.take("<IQ")
             raw.append((name, ggml_type, tuple(int(d) for d in reversed(dims)), offset))
-    except (struct.error, UnicodeDecodeError) as e:
-        raise GGUFTableError(f"{where}: damaged header near byte {cur.pos} ({e})") from e
-    if alignment <= 0:
-        raise GGUFTableError(f"{where}: general.alignment is {alignment}")
+    except (struct.error, UnicodeDecodeError, RecursionError) as e:  # RecursionError: absurdly nested arrays
+        raise GGUFTableError(f"{where}: damaged header near byte {cur.pos} ({type(e).__name__}: {e})") from e
+    if alignment <= 0 or alignment & (alignment - 1):
+        raise GGUFTableError(f"{where}: general.alignment is {alignment}, not a power of two")
     data_start = -(-cur.pos // alignment) * alignment
-    return [TensorEntry(name, t, shape, data_start + off) for name, t, shape, off in raw]
+    table = [TensorEntry(name, t, shape, data_start + off) for name, t, shape, off in raw]
+    _check_data(table, alignment, data_start, len(buf), where)
+    return table
+
+
+def _check_data(table: list[TensorEntry], alignment: int, data_start: int, file_size: int, where: str) -> None:
+    """Every tensor of a known type, aligned, named once, its bytes inside the file: what GGUFReader and
+    llama.cpp check too; the merged-weights writer would otherwise patch bytes that are not the tensor's."""
+    seen: set[str] = set()
+    for e in table:
+        if e.name in seen:
+            raise GGUFTableError(f"{where}: tensor {e.name!r} appears twice")
+        seen.add(e.name)
+        try:
+            block, type_size = GGML_QUANT_SIZES[QT(e.ggml_type)]
+        except (ValueError, KeyError):
+            raise GGUFTableError(f"{where}: tensor {e.name!r} has unknown ggml type {e.ggml_type}") from None
+        if (e.offset - data_start) % alignment:
+            raise GGUFTableError(f"{where}: tensor {e.name!r} at byte {e.offset} is not {alignment}-byte aligned")
+        count = 1
+        for d in e.shape:
+            count *= d
+        end = e.offset + count // block * type_size
+        if end > file_size:
+            raise GGUFTableError(f"{where}: tensor {e.name!r} ends at byte {end}, past the end of the file "
+                                 f"({file_size} bytes; truncated?)")

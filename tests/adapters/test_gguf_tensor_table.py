@@ -61,6 +61,7 @@ def test_cached_table_follows_the_file_version(tmp_path):
     st = path.stat()
     first = cached_tensor_table(str(path), st.st_size, st.st_mtime_ns)
     assert cached_tensor_table(str(path), st.st_size, st.st_mtime_ns) is first
+    assert cached_tensor_table(str(path), st.st_size, st.st_mtime_ns + 1) is not first  # touched: read again
     _write(path, quantised=True)
     st = path.stat()
     assert not is_unquantised(cached_tensor_table(str(path), st.st_size, st.st_mtime_ns))
@@ -87,3 +88,26 @@ def test_damaged_files_get_an_error_naming_the_file(tmp_path):
         read_tensor_table(empty)
     with pytest.raises(GGUFTableError, match=r"missing\.gguf: cannot be read"):
         read_tensor_table(tmp_path / "missing.gguf")
+
+
+def test_a_file_cut_inside_its_data_or_with_a_bad_alignment_is_refused(tmp_path):
+    """The table alone would parse; the tensors' bytes or offsets would be wrong, and merged rollout weights
+    would be patched into the wrong bytes."""
+    path = _write(tmp_path / "m.gguf")
+    data = path.read_bytes()
+    last = read_tensor_table(path)[-1]
+    cut = tmp_path / "cut-data.gguf"
+    cut.write_bytes(data[:last.offset + 10])
+    with pytest.raises(GGUFTableError, match=r"cut-data\.gguf: tensor 'blk\.0\.attn_q\.weight' ends at .* past"):
+        read_tensor_table(cut)
+    for alignment, why in ((48, "not a power of two"), (0, "not a power of two")):
+        odd = tmp_path / f"align-{alignment}.gguf"
+        w = gguf.GGUFWriter(odd, "llama")
+        w.add_uint32("general.alignment", alignment)
+        w.add_tensor("x.weight", np.ones(4, dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with pytest.raises(GGUFTableError, match=why):
+            read_tensor_table(odd)
