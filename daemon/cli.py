@@ -224,7 +224,7 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"{s['items']['held_out']} held out for evaluation")
     print(f"profile:     {s['profile']['chars']} characters")
     now = f"{cur['version']} ({cur['reason'] or cur['status']})" if cur else "none yet (base model)"
-    quantized = s["settings"]["base_quantization"]
+    quantized = cur["base_quantization"] if cur else "none"  # what this version was trained on, not the setting
     print(f"adapter:     {now}; {s['adapter']['versions']} version(s) on disk"
           + ("" if quantized == "none" else f"; trained on an {quantized} base (QLoRA)"))
     if last:

@@ -72,7 +72,8 @@ def version_summary(v: AdapterVersion | None) -> dict[str, Any] | None:
         return None
     verdict = v.metrics.get("verdict") or {}
     return {**v.to_json(), "parent": v.parent, "reason": v.reason or verdict.get("reason"),
-            "trained_on_forgotten": v.trained_on_forgotten}
+            "trained_on_forgotten": v.trained_on_forgotten,
+            "base_quantization": (v.config or {}).get("base_quantization", "none")}
 
 
 # --- forgetting ----------------------------------------------------------------------------------

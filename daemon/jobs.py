@@ -718,7 +718,8 @@ def _run_round(home: Home, store: Store, settings: DaemonSettings, pending: Pend
     metrics = {"round": pending.round_id, "preset": pending.preset, "before": before, "after": after,
                "verdict": verdict.to_dict()}
     v = registry.add(model, parent=pending.parent, base_fingerprint=loaded.source.fingerprint,
-                     config={"round": pending.round_id, "preset": pending.preset, "overrides": pending.overrides},
+                     config={"round": pending.round_id, "preset": pending.preset, "overrides": pending.overrides,
+                             "base_quantization": getattr(loaded, "quantization", "none")},
                      item_ids=[it.id for it in items], metrics=metrics)
     version, adapter_dir = v.version, v.path
     store.add_adapter_version(version, adapter_dir, parent=pending.parent, status="candidate", metrics=metrics)

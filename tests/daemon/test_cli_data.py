@@ -290,7 +290,10 @@ def test_a_bad_heap_policy_is_a_usage_error_naming_the_variable(tmp_path, capsys
     assert "EDGE_UNISD_HEAP='huge'" in err and "'fast'" in err and "Traceback" not in err
 
 
-def test_status_says_when_the_base_is_quantised(home, capsys, monkeypatch):
+def test_status_names_the_base_quantization_setting_but_claims_no_qlora_adapter_without_one(home, capsys,
+                                                                                            monkeypatch):
     monkeypatch.setenv("EDGE_UNISD_BASE_QUANTIZATION", "nf4")
+    rc, out, _ = run(capsys, "status", "--home", str(home), "--json")
+    assert rc == 0 and json.loads(out)["settings"]["base_quantization"] == "nf4"
     rc, out, _ = run(capsys, "status", "--home", str(home))
-    assert rc == 0 and "trained on an nf4 base (QLoRA)" in out
+    assert rc == 0 and "none yet (base model)" in out and "QLoRA" not in out

@@ -525,7 +525,8 @@ def test_base_quantization_setting_reaches_the_model_loader(home, monkeypatch):
         load_settings(home.settings)
 
 
-def test_a_qlora_round_promotes_and_exports_from_the_full_precision_base(home, tiny_folder, monkeypatch, tiny_bars):
+def test_a_qlora_round_promotes_and_exports_from_the_full_precision_base(home, tiny_folder, monkeypatch, tiny_bars,
+                                                                         capsys):
     pytest.importorskip("bitsandbytes")
     from adapters.merge import is_quantized
     from edge_unisd.modeling import load_base
@@ -542,3 +543,22 @@ def test_a_qlora_round_promotes_and_exports_from_the_full_precision_base(home, t
     assert models and all(is_quantized(m.model) for m in models)  # the round trained on the 4-bit base
     assert r["export"]["quant"] == "f16" and r["export"]["verify"]["passed"]  # merged into fp32, verified
     assert (home.exports / "current.gguf").is_file()
+    assert registry(home).current().config["base_quantization"] == "nf4"  # recorded with the version
+    assert main(["status", "--home", str(home.root)]) == 0
+    assert "trained on an nf4 base (QLoRA)" in capsys.readouterr().out
+
+
+def test_eval_and_adapt_load_the_base_as_the_setting_says(home, tiny_folder, monkeypatch):
+    from edge_unisd.modeling import load_base
+
+    asked = []
+
+    def default_loader(spec, quantization="none"):
+        asked.append(quantization)
+        return load_base(tiny_folder)
+
+    monkeypatch.setattr(jobs, "default_model_loader", default_loader)
+    monkeypatch.setenv("EDGE_UNISD_BASE_QUANTIZATION", "nf4")
+    jobs.evaluate_current(home, eval_settings=EVAL)
+    jobs.adapt_once(home, overrides=OVERRIDES, eval_settings=EVAL, sensors=readings)
+    assert asked == ["nf4", "nf4"]
