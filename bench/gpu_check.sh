@@ -11,7 +11,8 @@
 # and peft are there; pydantic and bitsandbytes are not, nothing can be fetched), so the wheels the
 # benchmarks need and the bundled tokenizer travel in .gpu/ (git-ignored, < 64 MiB). Weights are random
 # (fine for throughput): smollm2-135m is the bundled model's shape, smollm2-1.7b the larger config.
-# Every figure goes to $OUT as one JSON file per run, with nvidia-smi's view; stderr to $OUT/log.txt.
+# Every figure goes to $OUT as one JSON file per run, with nvidia-smi's view; stderr to $OUT/log.txt. Runs
+# share a deadline ($DEADLINE, 500 s), most wanted first; the exit status says whether all of them ran.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 GPU_DIR=.gpu
@@ -34,52 +35,76 @@ EOF
     du -sh "$GPU_DIR"
 }
 
-bench() {  # bench NAME SCRIPT ARGS...: one JSON line to $OUT/NAME.json, the table and progress to the log
-    local name=$1 script=$2
-    shift 2
-    echo "== $name: $script $*" | tee -a "$OUT/log.txt"
-    timeout "${RUN_LIMIT:-150}" "$PY" "bench/$script" "$@" > "$OUT/$name.txt" 2>> "$OUT/log.txt"
-    echo "   exit $?" | tee -a "$OUT/log.txt"
-    head -n 1 "$OUT/$name.txt" > "$OUT/$name.json"
+FAILED=0
+DEADLINE=${DEADLINE:-500}  # seconds of this script in all: the device call's timeout_s (540) less a margin
+
+bench() {  # bench NAME LIMIT SCRIPT ARGS...: one JSON line to $OUT/NAME.json, the table and progress to the log
+    local name=$1 limit=$2 script=$3 left=$((DEADLINE - SECONDS)) rc
+    shift 3
+    if [ "$left" -lt 30 ]; then
+        echo "== $name: skipped, ${left}s left of the ${DEADLINE}s deadline" | tee -a "$OUT/log.txt"
+        FAILED=1
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo "== $name (limit ${limit}s): $script $*" | tee -a "$OUT/log.txt"
+    timeout -k 10 "$limit" "$PY" "bench/$script" "$@" > "$OUT/$name.txt" 2>> "$OUT/log.txt"
+    rc=$?
+    echo "   exit $rc" | tee -a "$OUT/log.txt"
+    if [ "$rc" -eq 0 ]; then
+        head -n 1 "$OUT/$name.txt" > "$OUT/$name.json"
+    else
+        FAILED=1
+    fi
     tail -n +2 "$OUT/$name.txt" | tee -a "$OUT/log.txt"
     rm -f "$OUT/$name.txt"
 }
 
+all_runs() {  # the runs, most wanted first; sizes from the caller: MODEL_SMALL MODEL_LARGE DEVICE SIZE T64 T256 LIMIT
+    bench limit 60 limit.py "${LIMIT_ARGS[@]}"
+    bench 135m-edge-64 120 throughput.py --model "$MODEL_SMALL" --preset edge "${T64[@]}" --compare-views \
+        "${DEVICE[@]}" "${SIZE[@]}"
+    # random weights go through a temp folder to be quantised on load: the slowest start
+    bench 1.7b-edge-64-nf4 150 throughput.py --model "$MODEL_LARGE" --preset edge "${T64[@]}" --quantize nf4 \
+        "${DEVICE[@]}" "${SIZE[@]}"
+    bench 1.7b-edge-64 100 throughput.py --model "$MODEL_LARGE" --preset edge "${T64[@]}" "${DEVICE[@]}" "${SIZE[@]}"
+    bench 135m-sd-256 100 throughput.py --model "$MODEL_SMALL" --preset sd "${T256[@]}" "${DEVICE[@]}" "${SIZE[@]}"
+    return $FAILED
+}
+
 run() {
+    PY=${PY:-python3}
     if [ -d "$GPU_DIR/whl" ]; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
             "$GPU_DIR"/whl/*.whl || exit 1
         export PYTHONPATH="/tmp/site:$PWD"
     fi
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
     export EDGE_UNISD_BENCH_TOKENIZER="$PWD/$GPU_DIR/tokenizer" EDGE_UNISD_CACHE=/tmp/edge-unisd-cache
-    PY=${PY:-python3}
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$OUT/nvidia-smi.csv" 2>&1
     "$PY" -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__,
 torch.cuda.is_available())" >> "$OUT/log.txt" 2>&1
-    bench limit limit.py --bf16 --device cuda --config bundled
-    local common=(--device cuda --dtype bfloat16 --steps 3 --warmup 1 --batch 8)
-    bench 135m-edge-64 throughput.py --model smollm2-135m --preset edge --tokens 64 --compare-views "${common[@]}"
-    bench 135m-sd-256 throughput.py --model smollm2-135m --preset sd --tokens 256 "${common[@]}"
-    bench 1.7b-edge-64 throughput.py --model smollm2-1.7b --preset edge --tokens 64 "${common[@]}"
-    RUN_LIMIT=240 bench 1.7b-edge-64-nf4 throughput.py --model smollm2-1.7b --preset edge --tokens 64 --quantize nf4 \
-        "${common[@]}"  # random weights go through a temp folder to be quantised on load
+    MODEL_SMALL=smollm2-135m MODEL_LARGE=smollm2-1.7b
+    LIMIT_ARGS=(--bf16 --device cuda --config bundled) DEVICE=(--device cuda --dtype bfloat16)
+    SIZE=(--steps 3 --warmup 1 --batch 8) T64=(--tokens 64) T256=(--tokens 256)
+    all_runs
 }
 
-smoke() {  # the run's shapes shrunk to --tiny on CPU (no nvidia-smi needed): does every step still parse?
+smoke() {  # the same runs and flags with tiny shapes on CPU (no nvidia-smi, no wheels): does every step still run?
     PY=${PY:-.venv/bin/python}
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
     if [ -d "$GPU_DIR/tokenizer" ]; then export EDGE_UNISD_BENCH_TOKENIZER="$PWD/$GPU_DIR/tokenizer"; fi
-    bench limit limit.py --tiny --device cpu
-    bench 135m-edge-64 throughput.py --tiny --device cpu --preset edge --compare-views
-    bench 1.7b-edge-64-nf4 throughput.py --tiny --device cpu --preset edge --quantize nf4
+    MODEL_SMALL=tiny MODEL_LARGE=tiny
+    LIMIT_ARGS=(--tiny --device cpu) DEVICE=(--device cpu --dtype float32)
+    SIZE=(--steps 1 --warmup 0 --batch 2) T64=(--tokens 4) T256=(--tokens 6)
+    all_runs
 }
 
 OUT=${OUT:-/tmp/gpu-check-out}
 mkdir -p "$OUT"
 case "${1:-}" in
     prepare) prepare ;;
-    run) run ;;
+    run) run ;;  # exit status 1 when any run failed or was skipped for time
     smoke) smoke ;;
     *) echo "usage: bench/gpu_check.sh prepare|run|smoke" >&2; exit 2 ;;
 esac

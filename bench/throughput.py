@@ -96,7 +96,7 @@ def peak_rss_gb() -> float:
 
 def bundled_tokenizer():
     """The bundled SmolLM2 tokenizer, from the converted-model cache (converted once if missing), or from the
-    folder $EDGE_UNISD_BENCH_TOKENIZER names: a machine without the bundled model (bench/gpu/run.sh)."""
+    folder $EDGE_UNISD_BENCH_TOKENIZER names: a machine without the bundled model (bench/gpu_check.sh)."""
     from transformers import AutoTokenizer
 
     from edge_unisd.modeling import gguf_to_hf_folder, resolve_base

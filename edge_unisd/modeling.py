@@ -218,6 +218,8 @@ def _quantization_kwargs(quantization: str, device: torch.device, dtype: torch.d
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=dtype)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # device_map wants a definite GPU
     return {"quantization_config": config, "device_map": {"": device}}
 
 

@@ -262,10 +262,25 @@ def test_gpu_check_script_smoke_run_writes_each_runs_json(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PY": sys.executable}
     done = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh"), "smoke"], env=env, capture_output=True,
                           text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
     log = (tmp_path / "log.txt").read_text()
-    assert log.count("exit 0") == 3, log[-2000:]
+    assert done.returncode == 0, log[-3000:]
+    assert log.count("exit 0") == 5, log[-2000:]
     runs = {name: json.loads((tmp_path / f"{name}.json").read_text())
-            for name in ("limit", "135m-edge-64", "1.7b-edge-64-nf4")}
+            for name in ("limit", "135m-edge-64", "1.7b-edge-64-nf4", "1.7b-edge-64", "135m-sd-256")}
     assert runs["135m-edge-64"]["compare_views"] is not None
     assert runs["1.7b-edge-64-nf4"]["settings"]["quantization"] == "nf4"
+    assert runs["135m-sd-256"]["settings"]["tokens"] == 6 and runs["135m-sd-256"]["settings"]["preset"] == "sd"
+
+
+def test_gpu_check_script_fails_when_a_run_fails_or_the_deadline_passes(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OUT": str(tmp_path), "PY": sys.executable, "DEADLINE": "20"}  # < 30 s: every run skipped
+    done = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh"), "smoke"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1
+    assert (tmp_path / "log.txt").read_text().count("skipped") == 5
