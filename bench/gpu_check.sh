@@ -24,7 +24,7 @@ WHEELS=(pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-ins
 
 prepare() {
     mkdir -p "$GPU_DIR/whl" "$GPU_DIR/tokenizer"
-    python3 -m pip download -q --no-deps --only-binary=:all: "${PY_TAGS[@]}" -d "$GPU_DIR/whl" "${WHEELS[@]}" || exit 1
+    .venv/bin/python -m pip download -q --no-deps --only-binary=:all: "${PY_TAGS[@]}" -d "$GPU_DIR/whl" "${WHEELS[@]}" || exit 1
     HF_HUB_OFFLINE=1 .venv/bin/python - "$GPU_DIR/tokenizer" <<'EOF' || exit 1
 import sys
 sys.path.insert(0, ".")
