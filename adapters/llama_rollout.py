@@ -257,12 +257,8 @@ class LlamaCppRollout:
                 why = "this llama.cpp build does not read weights from the file mapping"
             except (MergedWeightsError, RolloutBackendError) as e:
                 why = str(e)
-            self._free_context()  # back to the base file, the LoRA as an adapter
-            if self._held["llm"] is not None:
-                self._held["llm"].close()
-                self._held["llm"] = None
-            merged.close()
-            self._held["merged"] = None
+            self._free_context()  # back to the base file, the LoRA as an adapter:
+            _release(self._ll, self._held)  # the copy's model and the copy go, as at close
         self._load(self.base_gguf)
         return self._no_merged(lora, why)
 
