@@ -144,9 +144,14 @@ def settings_model_loader(settings: DaemonSettings, model_loader: ModelLoader | 
     return functools.partial(default_model_loader, quantization=settings.base_quantization)
 
 
+def _quantization(loaded: Any) -> str:
+    """How the loaded base is held ("none" or "nf4"); loaders that predate the field (tests, embedders) say none."""
+    return getattr(loaded, "quantization", "none")
+
+
 def _base_key(loaded: Any) -> str:
     """The base weights a measurement was made on: the source's fingerprint, and its quantization if any."""
-    quantization = getattr(loaded, "quantization", "none")
+    quantization = _quantization(loaded)
     return loaded.source.fingerprint + ("" if quantization == "none" else f"+{quantization}")
 
 
@@ -591,7 +596,7 @@ def _fingerprint_fn(loaded, overrides: Mapping[str, Any], engine: str | None = N
     used; before a round, the one its config would pick (`_planned_rollout_engine`)."""
     def fingerprint(preset: str) -> dict:
         used = engine or _planned_rollout_engine(_method_config(preset, overrides), loaded)
-        quantization = getattr(loaded, "quantization", "none")
+        quantization = _quantization(loaded)
         extra = {} if quantization == "none" else {"quantization": quantization}
         return cost_fingerprint(loaded.source.fingerprint[:16], str(loaded.device), dtype=str(loaded.dtype),
                                 preset=preset, rollout=used, **extra)
@@ -609,10 +614,10 @@ def _wants_llama_cpp(cfg: MethodConfig, loaded: Any) -> bool:
     An nf4 (QLoRA) base is sampled by HF generate: llama.cpp would sample from the GGUF's weights, not
     the 4-bit ones the adapter trains on, so the samples would be off-policy by the nf4 rounding."""
     kind = cfg.rollout.backend
-    quantized = getattr(loaded, "quantization", "none") != "none"
+    quantized = _quantization(loaded) != "none"
     if kind == "llamacpp" and quantized:
         raise AdaptError(f"rollout_backend \"llamacpp\" samples from the GGUF's weights, but base_quantization is "
-                         f"{loaded.quantization!r}: the adapter trains on other weights. Set rollout_backend = "
+                         f"{_quantization(loaded)!r}: the adapter trains on other weights. Set rollout_backend = "
                          "\"auto\" or \"hf\", or base_quantization = \"none\", in settings.toml")
     return kind == "llamacpp" or (kind == "auto" and not quantized and loaded.source.kind == "gguf"
                                   and loaded.device.type == "cpu")
@@ -719,7 +724,7 @@ def _run_round(home: Home, store: Store, settings: DaemonSettings, pending: Pend
                "verdict": verdict.to_dict()}
     v = registry.add(model, parent=pending.parent, base_fingerprint=loaded.source.fingerprint,
                      config={"round": pending.round_id, "preset": pending.preset, "overrides": pending.overrides,
-                             "base_quantization": getattr(loaded, "quantization", "none")},
+                             "base_quantization": _quantization(loaded)},
                      item_ids=[it.id for it in items], metrics=metrics)
     version, adapter_dir = v.version, v.path
     store.add_adapter_version(version, adapter_dir, parent=pending.parent, status="candidate", metrics=metrics)
