@@ -188,6 +188,7 @@ def load_base(
         model.to(dev)  # a bitsandbytes model is placed by its device_map and cannot be moved
     elif dev.type == "cpu":
         _copy_out_of_checkpoint_map(model)
+        _keep_one_cpu_4bit_format(model)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -203,6 +204,22 @@ def _copy_out_of_checkpoint_map(model: torch.nn.Module) -> None:
     for param in model.parameters():
         if not hasattr(param, "quant_state"):  # bitsandbytes' 4-bit weights carry their quantisation state
             param.data = param.data.clone()  # the Parameter object stays: tied weights stay tied
+
+
+def _keep_one_cpu_4bit_format(model: torch.nn.Module) -> int:
+    """Keep bitsandbytes' CPU 4-bit layers in the one format training uses; returns how many were pinned.
+
+    On CPUs with AVX512-BF16 (Zen 4/5, Sapphire Rapids) bitsandbytes repacks a Linear4bit's weight the first
+    time it runs in eval mode without grad, rounding its absmax scales to bf16. The teacher's forwards run so,
+    the student's do not: teacher and student would compute with different base weights, and on in_features
+    below the 64-wide block the repacking fails outright. Pinning the flag off keeps one set of weights.
+    """
+    pinned = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            pinned += 1
+    return pinned
 
 
 def _quantization_kwargs(quantization: str, device: torch.device, dtype: torch.dtype) -> dict:

@@ -111,3 +111,23 @@ def test_a_cpu_nf4_base_lets_go_of_the_checkpoint_file(tiny_folder):
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
     checkpoint = str(tiny_folder / "model.safetensors")
     assert not [m for m in psutil.Process().memory_maps(grouped=False) if m.path == checkpoint]
+
+
+def test_a_cpu_nf4_base_computes_the_same_in_eval_and_in_training(tiny_folder, tokenizer):
+    """Teacher forwards (eval, no grad) and student forwards (training) must see the same 4-bit weights.
+
+    bitsandbytes repacks a CPU Linear4bit on its first eval no-grad forward where the CPU has AVX512-BF16
+    (scales rounded to bf16; a crash below its 64-wide block); load_base pins that off on every layer.
+    """
+    import bitsandbytes as bnb
+
+    model = load_base(tiny_folder, device="cpu", dtype="float32", quantization="nf4").model
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    ids = torch.tensor([tokenizer.encode("Where do I live? Gothenburg.")])
+    teacher = _logits(model, ids)  # eval, no grad: where the repacking would happen
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    model.train()
+    student = model(input_ids=ids).logits.float().detach()
+    model.eval()
+    torch.testing.assert_close(student, teacher)
