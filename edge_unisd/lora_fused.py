@@ -13,7 +13,10 @@ Measured on SmolLM2-135M, LoRA r=16 on every linear layer, batch 8 x 110 tokens,
 forward + backward 3.76 s -> 3.33 s.
 
 Anything the fast path does not cover (adapter disabled or merged, several active adapters,
-DoRA and other variants, a LoRA bias, mixed-batch `adapter_names`, a dtype cast) runs PEFT's own forward.
+DoRA and other variants, a LoRA bias, mixed-batch `adapter_names`, a dtype cast other than a
+half-precision base under an fp32 adapter) runs PEFT's own forward. On a bf16 base
+(edge_unisd.precision) the fp32 LoRA weights are cast to bf16 for the product, which spares PEFT's
+fp32 copy of every layer input: the `sd` student stage at 8 x 256 on SmolLM2 took 6.9 instead of 9.7 s.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from __future__ import annotations
 import types
 
 import torch
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _peft_linear_class():
@@ -39,7 +44,11 @@ def fused_lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return peft_forward(layer, x, *args, **kwargs)
     a_weight, b_weight = layer.lora_A[name].weight, layer.lora_B[name].weight
     if x.dtype != a_weight.dtype:
-        return peft_forward(layer, x, *args, **kwargs)
+        if not (x.dtype in HALF_DTYPES and a_weight.dtype == torch.float32):
+            return peft_forward(layer, x, *args, **kwargs)
+        # a bf16 base under PEFT's fp32 adapter: the LoRA product in the base's dtype, as autocast would, instead
+        # of PEFT's fp32 copy of every input; the gradients still reach the fp32 weights through the casts
+        a_weight, b_weight = a_weight.to(x.dtype), b_weight.to(x.dtype)
     result = layer.base_layer(x)
     xa = torch.nn.functional.linear(layer.lora_dropout[name](x), a_weight)
     if result.dtype != b_weight.dtype:  # e.g. under autocast: PEFT's own sum, on the base output already made

@@ -100,3 +100,28 @@ def test_under_autocast_the_base_output_dtype_is_kept_as_peft_keeps_it():
         ref_logits, logits = reference(input_ids=IDS).logits, fused(input_ids=IDS).logits
     assert logits.dtype == ref_logits.dtype
     torch.testing.assert_close(logits.float(), ref_logits.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_a_bf16_base_under_an_fp32_adapter_takes_the_fused_path_and_trains_the_fp32_weights(monkeypatch):
+    """The CPU bf16 model (edge_unisd.precision): PEFT keeps the LoRA in fp32 and would copy every input to
+    fp32; the fused path multiplies in bf16 instead, and the gradients land on the fp32 LoRA weights."""
+    reference = _peft_model()
+    reference.to(torch.bfloat16)
+    for name, p in reference.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()  # as PEFT's autocast_adapter_dtype leaves them on a bf16 base
+    fused = copy.deepcopy(reference)
+    fuse_lora_layers(fused)
+    ref_logits, ref_grads = _loss_and_grads(reference)
+    lora_linear = type(next(m for m in fused.modules() if hasattr(m, "lora_A")))
+    peft_forward, calls = lora_linear.forward, []
+    monkeypatch.setattr(lora_linear, "forward", lambda *a, **k: calls.append(1) or peft_forward(*a, **k))
+    logits, grads = _loss_and_grads(fused)
+    assert not calls, "a bf16 base under an fp32 adapter must not fall back to PEFT's forward"
+    assert logits.dtype == ref_logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), ref_logits.float(), rtol=2e-2, atol=2e-2)
+    assert grads.keys() == ref_grads.keys() and grads
+    for name in grads:
+        assert grads[name].dtype == torch.float32, name
+        g, r = grads[name], ref_grads[name]
+        assert torch.linalg.vector_norm(g - r) <= 0.05 * torch.linalg.vector_norm(r), name
