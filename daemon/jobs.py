@@ -125,23 +125,24 @@ def tiny_test_model_folder() -> Path:
     return target
 
 
-def default_model_loader(spec: str | None, quantization: str = "none"):
+def default_model_loader(spec: str | None, quantization: str = "none", dtype: str | None = None):
     """The base model of the settings (None: the bundled SmolLM2-135M); tests inject a tiny one."""
     from edge_unisd.modeling import ModelLoadError, load_base
 
     try:
-        return load_base(base_source(spec), quantization=quantization)
+        return load_base(base_source(spec), quantization=quantization, dtype=dtype)
     except ModelLoadError as e:
         raise AdaptError(str(e)) from None
 
 
 def settings_model_loader(settings: DaemonSettings, model_loader: ModelLoader | None = None) -> ModelLoader:
-    """The caller's loader (tests: a tiny model), else the default one with the settings' base quantization."""
+    """The caller's loader (tests: a tiny model), else the default one with the settings' base quantization and
+    compute dtype."""
     if model_loader is not None:
         return model_loader
-    if settings.base_quantization == "none":
-        return default_model_loader
-    return functools.partial(default_model_loader, quantization=settings.base_quantization)
+    chosen = {k: v for k, v in (("quantization", settings.base_quantization), ("dtype", settings.compute_dtype))
+              if v not in ("none", "auto")}
+    return functools.partial(default_model_loader, **chosen) if chosen else default_model_loader
 
 
 def _quantization(loaded: Any) -> str:
@@ -150,9 +151,16 @@ def _quantization(loaded: Any) -> str:
 
 
 def _base_key(loaded: Any) -> str:
-    """The base weights a measurement was made on: the source's fingerprint, and its quantization if any."""
-    quantization = _quantization(loaded)
-    return loaded.source.fingerprint + ("" if quantization == "none" else f"+{quantization}")
+    """The base weights a measurement was made on: the source's fingerprint, its quantization if any, and its
+    compute dtype unless fp32 (so the keys of fp32 measurements stay what they were)."""
+    quantization, dtype = _quantization(loaded), _compute_dtype(loaded)
+    return (loaded.source.fingerprint + ("" if quantization == "none" else f"+{quantization}")
+            + ("" if dtype == "float32" else f"+{dtype}"))
+
+
+def _compute_dtype(loaded: Any) -> str:
+    """"float32", "bfloat16", ...: what the loaded base computes in (loaders without the field: float32)."""
+    return str(getattr(loaded, "dtype", "float32")).removeprefix("torch.")
 
 
 def export_promoted(home: Home, settings: DaemonSettings, version: str, adapter_dir: Path,
@@ -724,7 +732,7 @@ def _run_round(home: Home, store: Store, settings: DaemonSettings, pending: Pend
                "verdict": verdict.to_dict()}
     v = registry.add(model, parent=pending.parent, base_fingerprint=loaded.source.fingerprint,
                      config={"round": pending.round_id, "preset": pending.preset, "overrides": pending.overrides,
-                             "base_quantization": _quantization(loaded)},
+                             "base_quantization": _quantization(loaded), "compute_dtype": _compute_dtype(loaded)},
                      item_ids=[it.id for it in items], metrics=metrics)
     version, adapter_dir = v.version, v.path
     store.add_adapter_version(version, adapter_dir, parent=pending.parent, status="candidate", metrics=metrics)

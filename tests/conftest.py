@@ -9,6 +9,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# fp32 wherever a test does not choose: "auto" would pick bf16 on a CPU with native bf16 (edge_unisd.precision)
+# and make figures depend on the machine; the bf16 path has tests of its own that ask for it
+os.environ.setdefault("EDGE_UNISD_COMPUTE_DTYPE", "float32")
 
 
 @pytest.fixture(scope="session")

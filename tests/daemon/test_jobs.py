@@ -41,10 +41,11 @@ def tiny_folder() -> Path:
 
 @pytest.fixture
 def loader(tiny_folder):
-    """Stands in for load_base: the same tiny random base on every call (adapters are saved apart)."""
+    """Stands in for load_base: the same tiny random base on every call (adapters are saved apart), held as the
+    settings say (quantization, compute dtype) when it stands in for the default loader."""
     from edge_unisd.modeling import load_base
 
-    return lambda spec: load_base(tiny_folder)
+    return lambda spec, **how: load_base(tiny_folder, **how)
 
 
 @pytest.fixture(autouse=True)
@@ -509,8 +510,8 @@ def test_base_quantization_setting_reaches_the_model_loader(home, monkeypatch):
 
     seen = {}
 
-    def fake_load_base(source, *, quantization="none", **_):
-        seen["quantization"] = quantization
+    def fake_load_base(source, *, quantization="none", dtype=None, **_):
+        seen["quantization"], seen["dtype"] = quantization, dtype
         return "loaded"
 
     monkeypatch.setattr("edge_unisd.modeling.load_base", fake_load_base)
@@ -518,6 +519,13 @@ def test_base_quantization_setting_reaches_the_model_loader(home, monkeypatch):
     settings = load_settings(home.settings)
     assert settings.base_quantization == "nf4"
     assert jobs.settings_model_loader(settings)(None) == "loaded" and seen["quantization"] == "nf4"
+    assert seen["dtype"] == "float32"  # the tests' compute dtype (tests/daemon/conftest.py) reaches it too
+    monkeypatch.setenv("EDGE_UNISD_COMPUTE_DTYPE", "bfloat16")
+    jobs.settings_model_loader(load_settings(home.settings))(None)
+    assert seen["dtype"] == "bfloat16"
+    monkeypatch.setenv("EDGE_UNISD_COMPUTE_DTYPE", "auto")  # the loader's own default: measured at load
+    jobs.settings_model_loader(load_settings(home.settings))(None)
+    assert seen["dtype"] is None
     injected = object()
     assert jobs.settings_model_loader(settings, injected) is injected  # a caller's loader (tests) wins
     monkeypatch.setenv("EDGE_UNISD_BASE_QUANTIZATION", "int3")
@@ -553,12 +561,38 @@ def test_eval_and_adapt_load_the_base_as_the_setting_says(home, tiny_folder, mon
 
     asked = []
 
-    def default_loader(spec, quantization="none"):
+    def default_loader(spec, quantization="none", dtype=None):
         asked.append(quantization)
-        return load_base(tiny_folder)
+        return load_base(tiny_folder, dtype=dtype)
 
     monkeypatch.setattr(jobs, "default_model_loader", default_loader)
     monkeypatch.setenv("EDGE_UNISD_BASE_QUANTIZATION", "nf4")
     jobs.evaluate_current(home, eval_settings=EVAL)
     jobs.adapt_once(home, overrides=OVERRIDES, eval_settings=EVAL, sensors=readings)
     assert asked == ["nf4", "nf4"]
+
+
+# --- compute dtype: compute_dtype --------------------------------------------------------------------
+
+def test_a_bf16_round_is_gated_on_its_own_measurements_and_exports_from_the_fp32_base(home, tiny_folder,
+                                                                                      monkeypatch, tiny_bars):
+    """compute_dtype = "bfloat16" (what "auto" takes on a CPU with native bf16): the round trains and evaluates
+    the bf16 model, keeps its eval cache apart from the fp32 base's, and exports merged into the fp32 base."""
+    from edge_unisd.modeling import load_base
+
+    monkeypatch.setattr(jobs, "export_promoted", REAL_EXPORT)
+    monkeypatch.setenv("EDGE_UNISD_COMPUTE_DTYPE", "bfloat16")
+    models = []
+
+    def default_loader(spec, quantization="none", dtype=None):
+        models.append(load_base(tiny_folder, quantization=quantization, dtype=dtype))
+        return models[-1]
+
+    monkeypatch.setattr(jobs, "default_model_loader", default_loader)
+    r = jobs.adapt_once(home, overrides=OVERRIDES, eval_settings=EVAL, sensors=readings)
+    assert r["status"] == "promoted", r.get("reason")
+    assert models and all(m.dtype == torch.bfloat16 for m in models)
+    assert registry(home).current().config["compute_dtype"] == "bfloat16"  # recorded with the version
+    assert jobs._base_key(models[0]) == models[0].source.fingerprint + "+bfloat16"  # its eval cache apart
+    assert r["export"]["quant"] == "f16" and r["export"]["verify"]["passed"]  # merged into fp32, verified
+    assert (home.exports / "current.gguf").is_file()

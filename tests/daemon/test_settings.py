@@ -18,7 +18,7 @@ from daemon.settings import (
 def test_default_file_loads_back_to_the_defaults(tmp_path):
     path = write_default_settings(tmp_path / "settings.toml")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert load_settings(path) == DaemonSettings()
+    assert load_settings(path, environ={}) == DaemonSettings()  # the file alone: no EDGE_UNISD_* overrides
     text = path.read_text()
     for name, field in DaemonSettings.model_fields.items():
         assert name in text and (name == "budget" or field.description in text)

@@ -28,11 +28,23 @@ def test_bad_base_paths_are_named(tmp_path):
         resolve_base(tmp_path)
 
 
-def test_cpu_defaults_to_fp32():
-    device, dtype = pick_device_dtype("cpu")
-    assert device.type == "cpu" and dtype == torch.float32
+def test_cpu_dtype_follows_the_setting_then_the_measured_bf16_speed(monkeypatch):
+    from edge_unisd import precision
+
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 4.3)  # a CPU with native bf16 (AVX512-BF16)
+    monkeypatch.setenv(precision.DTYPE_ENV, "float32")
+    assert pick_device_dtype("cpu") == (torch.device("cpu"), torch.float32)
+    monkeypatch.setenv(precision.DTYPE_ENV, "auto")
+    assert pick_device_dtype("cpu")[1] == torch.bfloat16
+    assert pick_device_dtype("cpu", "float32")[1] == torch.float32  # the caller's choice wins over the variable
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 0.2)  # an AVX2 CPU: oneDNN emulates bf16
+    assert pick_device_dtype("cpu")[1] == torch.float32
+    assert pick_device_dtype("cpu", "auto")[1] == torch.float32
     with pytest.raises(ModelLoadError, match="unknown dtype"):
         pick_device_dtype("cpu", "fp8")
+    monkeypatch.setenv(precision.DTYPE_ENV, "half")
+    with pytest.raises(ModelLoadError, match="EDGE_UNISD_COMPUTE_DTYPE='half': use one of auto, float32, bfloat16"):
+        pick_device_dtype("cpu")
 
 
 def test_bundled_gguf_resolves_with_a_fingerprint():
