@@ -442,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-heldout", type=int, default=None, dest="max_heldout_items",
                    help="held-out items evaluated (default 32)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16: what the bundled model trains and is evaluated "
+                                                 "in (default: edge_unisd.modeling.pick_device_dtype's choice)")
     p.add_argument("--train-items", choices=("referenced", "all"), default="referenced",
                    help="referenced: train on the items with a reference answer (the teacher sees it); all: also "
                         "on those without one, whose teacher sees only the profile (default referenced)")
@@ -466,7 +468,7 @@ def run_ablation(args: argparse.Namespace) -> dict[str, Any]:
     run = run_settings(args)
     presets = [BASE] + [p for p in dict.fromkeys(args.presets or ALL_PRESETS) if p != BASE]
     progress("loading the base model..." if not args.tiny else "building a tiny random llama...")
-    loaded = load_tiny(run.seed) if args.tiny else load_base()
+    loaded = load_tiny(run.seed) if args.tiny else load_base(dtype=args.dtype)
     base_model, tok = loaded.model, loaded.tokenizer
     train, heldout_all = split_items(load_sample_items(), train_unreferenced=args.train_items == "all")
     heldout = heldout_all[:run.max_heldout_items]

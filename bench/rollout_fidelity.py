@@ -26,6 +26,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3, help="timed generate calls per choice")
+    ap.add_argument("--dtype", default=None, help="float32 | bfloat16: the torch model's compute dtype (default: "
+                                                  "edge_unisd.modeling.pick_device_dtype's choice)")
     args = ap.parse_args()
 
     import torch
@@ -36,7 +38,7 @@ def main() -> None:
     from edge_unisd.sample_data import load_sample_items
     from edge_unisd.views import render_prompt
 
-    base = load_base(None)
+    base = load_base(None, dtype=args.dtype)
     probes = probe_ids(base.tokenizer)
     n_ctx = max(len(p) for p in probes) + 8
     torch.manual_seed(0)

@@ -9,9 +9,10 @@ from other jobs on the machine hits every system alike. Per system: median secon
 completion tokens/s over the rounds, the highest peak RSS; then the ratios ours / TRL.
 
 The same work, on both sides:
-- model: `edge_unisd.modeling.load_base()` (the bundled SmolLM2-135M, fp32 on CPU), the objects passed to
-  SDFTTrainer; tokenizer likewise. Both children get the same glibc heap policy (load_base sets it,
-  edge_unisd.heap), so memory compares the trainers, not the allocator setting;
+- model: `edge_unisd.modeling.load_base()` (the bundled SmolLM2-135M, in `--dtype`: fp32 by default), the
+  objects passed to SDFTTrainer (with `bf16=True`, its autocast, under `--dtype bfloat16`); tokenizer
+  likewise. Both children get the same glibc heap policy (load_base sets it, edge_unisd.heap), so memory
+  compares the trainers, not the allocator setting;
 - prompts: the bundled sample user's items with a reference, in file order, unshuffled on both sides
   (step s trains items[s*B:(s+1)*B]);
 - teacher: the frozen base (adapter disabled) seeing the privileged context c_0 = the user's profile + the
@@ -24,7 +25,7 @@ The same work, on both sides:
 - objective: forward KL over the full vocabulary (TRL `distillation_mode="full_logits"`, alpha 0, which is
   our `sd`); `--trl-mode topk_logits` gives TRL's default top-100 objective instead.
 TRL's extras are off: no eval, no saving, no logging or hub reporting, no importance-sampling correction
-(it only applies when one generation serves several steps), fp32 (TRL would default to bf16 autocast).
+(it only applies when one generation serves several steps), `--dtype` (TRL would default to bf16 autocast).
 `edge` does more than TRL: EMA teacher, clipping, feature and contrastive terms, K=3 views for
 `--view-fraction` of each batch.
 
@@ -89,7 +90,7 @@ def _start_child(args: argparse.Namespace):
     limit = tp.sibling("limit")
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     load_start = limit.load_average()
-    loaded = tp.load_model(args.model)
+    loaded = tp.load_model(args.model, dtype=args.dtype)
     items, pool = tp.bench_items(args.batch * (args.warmup + args.steps))
     return tp, limit, load_start, loaded, items, pool
 
@@ -155,7 +156,7 @@ def trl_config(args: argparse.Namespace, output_dir: str, device, dtype):
         max_prompt_length=None, max_completion_length=args.tokens, generation_kwargs={"min_new_tokens": args.tokens},
         temperature=1.0, top_p=1.0, top_k=0, teacher_model_kind="base", teacher_prompt_template=TEACHER_TEMPLATE,
         distillation_mode=args.trl_mode, distillation_alpha=0.0, gradient_checkpointing=True,
-        bf16=device.type == "cuda" and dtype == torch.bfloat16, fp16=False, use_cpu=device.type == "cpu",
+        bf16=dtype == torch.bfloat16, fp16=False, use_cpu=device.type == "cpu",
         report_to="none", save_strategy="no", eval_strategy="no", logging_strategy="no", disable_tqdm=True,
         dataloader_num_workers=0, dataloader_pin_memory=False, remove_unused_columns=False,
     )
@@ -242,7 +243,7 @@ def child_argv(args: argparse.Namespace, system: str, result: Path) -> list[str]
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", system, "--result", str(result),
             "--model", args.model, "--batch", str(args.batch), "--tokens", str(args.tokens), "--steps", str(args.steps),
             "--warmup", str(args.warmup), "--lora-rank", str(args.lora_rank), "--lr", str(args.lr),
-            "--view-fraction", str(args.view_fraction), "--trl-mode", args.trl_mode]
+            "--view-fraction", str(args.view_fraction), "--trl-mode", args.trl_mode, "--dtype", args.dtype]
     return argv + (["--threads", str(args.threads)] if args.threads else [])
 
 
@@ -317,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--view-fraction", type=float, default=0.25, help="edge: share of each batch given K views")
     p.add_argument("--trl-mode", default="full_logits", choices=("full_logits", "topk_logits"),
                    help="TRL objective: full_logits (= ours, forward KL) or topk_logits (TRL's default)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="both sides' compute dtype (default float32; bfloat16: TRL with bf16 autocast, ours as "
+                        "edge_unisd.precision holds a bf16 model: fp32 LM head and loss)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: every CPU)")
     p.add_argument("--child-timeout", type=float, default=3600.0, help="seconds before a run is killed")
     p.add_argument("--tiny", action="store_true", help="smoke run: tiny random llama, 1 step, 4 tokens")
@@ -359,7 +363,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "settings": {"model": args.model, "batch": args.batch, "tokens": args.tokens, "steps": args.steps,
                      "warmup_steps": args.warmup, "rounds": args.rounds, "lora_rank": args.lora_rank,
                      "lr": args.lr, "view_fraction": args.view_fraction, "trl_mode": args.trl_mode,
-                     "systems": systems},
+                     "dtype": args.dtype, "systems": systems},
         **aggregate(runs, systems),
         "runs": runs,
     }
@@ -371,7 +375,8 @@ def _f(x: float | None, spec: str) -> str:
 
 def print_table(r: Mapping[str, Any]) -> None:
     m, s = r["machine"], r["settings"]
-    print(f"\n{s['model']} | batch {s['batch']} x {s['tokens']} tokens | {s['steps']} timed steps x {s['rounds']} "
+    print(f"\n{s['model']} ({s.get('dtype', 'float32')}) | batch {s['batch']} x {s['tokens']} tokens | "
+          f"{s['steps']} timed steps x {s['rounds']} "
           f"rounds | {m['processor']} x{m['cpus']} | load {m['load_avg_start']} -> {m['load_avg_end']}")
     print(f"{'system':14s} {'s/step':>8s} {'tokens/s':>9s} {'rollout s':>10s} {'peak RSS GB':>12s}  "
           f"{'x TRL tokens/s':>14s} {'x TRL RSS':>9s}")
