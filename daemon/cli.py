@@ -201,7 +201,7 @@ def status_dict(home: Home, store: Store) -> dict[str, Any]:
         "spool": {"incoming": incoming},
         "settings": {"preset": settings.preset, "collect": settings.collect, "export_quant": settings.export_quant,
                      "round_budget_seconds": settings.round_budget_seconds,
-                     "base_quantization": settings.base_quantization},
+                     "base_quantization": settings.base_quantization, "compute_dtype": settings.compute_dtype},
     }
 
 
@@ -224,9 +224,11 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"{s['items']['held_out']} held out for evaluation")
     print(f"profile:     {s['profile']['chars']} characters")
     now = f"{cur['version']} ({cur['reason'] or cur['status']})" if cur else "none yet (base model)"
-    quantized = cur["base_quantization"] if cur else "none"  # what this version was trained on, not the setting
+    # what this version was trained on and in, not the settings
+    quantized, dtype = (cur["base_quantization"], cur["compute_dtype"]) if cur else ("none", "float32")
     print(f"adapter:     {now}; {s['adapter']['versions']} version(s) on disk"
-          + ("" if quantized == "none" else f"; trained on an {quantized} base (QLoRA)"))
+          + ("" if quantized == "none" else f"; trained on an {quantized} base (QLoRA)")
+          + ("" if dtype == "float32" else f"; trained in {dtype}"))
     if last:
         m = last.get("metrics") or {}
         fit = (m.get("before") or {}).get("fit_nll"), (m.get("after") or {}).get("fit_nll")

@@ -73,7 +73,8 @@ def version_summary(v: AdapterVersion | None) -> dict[str, Any] | None:
     verdict = v.metrics.get("verdict") or {}
     return {**v.to_json(), "parent": v.parent, "reason": v.reason or verdict.get("reason"),
             "trained_on_forgotten": v.trained_on_forgotten,
-            "base_quantization": (v.config or {}).get("base_quantization", "none")}
+            "base_quantization": (v.config or {}).get("base_quantization", "none"),
+            "compute_dtype": (v.config or {}).get("compute_dtype", "float32")}  # versions before the field: fp32
 
 
 # --- forgetting ----------------------------------------------------------------------------------

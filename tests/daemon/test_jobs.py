@@ -575,7 +575,8 @@ def test_eval_and_adapt_load_the_base_as_the_setting_says(home, tiny_folder, mon
 # --- compute dtype: compute_dtype --------------------------------------------------------------------
 
 def test_a_bf16_round_is_gated_on_its_own_measurements_and_exports_from_the_fp32_base(home, tiny_folder,
-                                                                                      monkeypatch, tiny_bars):
+                                                                                      monkeypatch, tiny_bars,
+                                                                                      capsys):
     """compute_dtype = "bfloat16" (what "auto" takes on a CPU with native bf16): the round trains and evaluates
     the bf16 model, keeps its eval cache apart from the fp32 base's, and exports merged into the fp32 base."""
     from edge_unisd.modeling import load_base
@@ -596,3 +597,5 @@ def test_a_bf16_round_is_gated_on_its_own_measurements_and_exports_from_the_fp32
     assert jobs._base_key(models[0]) == models[0].source.fingerprint + "+bfloat16"  # its eval cache apart
     assert r["export"]["quant"] == "f16" and r["export"]["verify"]["passed"]  # merged into fp32, verified
     assert (home.exports / "current.gguf").is_file()
+    assert main(["status", "--home", str(home.root)]) == 0
+    assert "trained in bfloat16" in capsys.readouterr().out
