@@ -1,17 +1,20 @@
 """What the torch stages compute in: bf16 on a CPU that multiplies it natively, fp32 on one that does not.
 
 Why measured, not read from CPU flags: on 2 cores of an AMD EPYC (Zen 5, AVX512-BF16) a bf16 matmul
-at SmolLM2's shapes ran at 886 GFLOP/s against 207 for fp32 (`bench/limit.py --bf16`), while on the
-Intel Xeon of earlier figures, whose flags list AMX, and on AVX2 CPUs, oneDNN emulates bf16 and it ran
-~5x slower than fp32. One probe matmul per dtype (a few ms) tells the two kinds apart;
-`BF16_MIN_SPEEDUP` leaves a wide margin on both sides of the measured 0.2x and 4.3x.
+at SmolLM2's shapes ran at 886 GFLOP/s against 207 for fp32 (`bench/limit.py --bf16`), while on CPUs
+without native bf16 dot products oneDNN emulates it (this project's CI-class machines: ~5x slower than
+fp32), and a CPU may list AMX in its flags without the OS letting a process use it. One probe matmul per
+dtype (a few ms) tells the kinds apart; `BF16_MIN_SPEEDUP` leaves a wide margin on both sides.
 
-With bf16 the decoder's weights and activations are bf16 and the LoRA stays fp32 (PEFT upcasts it), but
-the LM head is kept in fp32 (`cast_keeping_head_float32`): logits of 10-30 rounded to bf16 are off by up to
-0.06-0.125, noise in every divergence and in its gradient p_S - p_T. Measured on the bundled model, `sd`
-for 12 steps (`bench/ablate.py --dtype`): held-out fit -0.360 with a bf16 head against -0.392 with the
-fp32 one (seed 0); with the fp32 head, -0.392 / -0.441 / -0.430 in three seeds against fp32's
--0.422 / -0.484 / -0.409 (within the seeds' own spread) in 60-68 s of training against 87-99 s.
+With bf16 the decoder's weights and activations are bf16 and the LoRA weights stay fp32 (PEFT upcasts
+them; edge_unisd.lora_fused multiplies with bf16 copies), but the LM head is kept in fp32
+(`cast_keeping_head_float32`): logits of 10-30 rounded to bf16 are off by up to 0.06-0.125, noise in
+every divergence and in its gradient p_S - p_T (`sd`, 12 steps, seed 0: held-out fit -0.360 with a bf16
+head, -0.392 with an fp32 one). Measured on the bundled model against fp32 (`bench/ablate.py --presets sd
+edge --dtype D`, three seeds, bench/results/precision): per step bf16 learns a little less (12 steps: sd
+-0.401 vs -0.438 nats/token, edge -0.413 vs -0.441), per second of training more, which is what a
+round's time budget spends (19 bf16 steps in the time of 12 fp32 ones: sd -0.496, edge -0.502, better
+in all six pairs); retention JSD the same (0.05-0.06).
 
 `EDGE_UNISD_COMPUTE_DTYPE` (auto | float32 | bfloat16) sets the choice for a process; the daemon's
 settings key `compute_dtype` is the same variable.
