@@ -73,7 +73,8 @@ def main() -> None:
     measured = time.perf_counter() - t0
     spent_tokens = sum(r.tokens["completion"] for r in result.reports)
     out = {
-        "preset": args.preset, "budget_seconds": args.budget, "batch": args.batch,
+        "preset": args.preset, "dtype": str(base.dtype).removeprefix("torch."), "budget_seconds": args.budget,
+        "batch": args.batch,
         "plan": {"items": len(plan.item_ids), "view_items": plan.n_view_items, "steps": plan.steps,
                  "predicted_seconds": round(plan.predicted_seconds, 1),
                  "completion_tokens_per_item": round(tokens_per_item, 1)},

@@ -1,6 +1,6 @@
-"""Peak memory of one UniSD training step on the bundled SmolLM2-135M (CPU, fp32).
+"""Peak memory of one UniSD training step on the bundled SmolLM2-135M (CPU).
 
-    .venv/bin/python bench/memory.py [--batch 8] [--tokens 256] [--preset edge]
+    .venv/bin/python bench/memory.py [--batch 8] [--tokens 256] [--preset edge] [--dtype float32|bfloat16]
 
 Prints one JSON object and a short table. The chunked vocabulary path and activation
 checkpointing are what keep this low: a naive step that materialises full (B, T, V) logits for
@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--preset", default="edge")
     parser.add_argument("--chunk-tokens", type=int, default=None, help="rows per vocabulary chunk (default: config)")
     parser.add_argument("--no-checkpointing", action="store_true", help="keep decoder activations (more memory)")
+    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: what the daemon's auto picks)")
     args = parser.parse_args()
 
     import torch
@@ -88,7 +89,7 @@ def main() -> None:
     from edge_unisd.sample_data import load_profile, load_sample_items
     from edge_unisd.trainer import UniSDTrainer
 
-    base = load_base()
+    base = load_base(dtype=args.dtype)
     rss_loaded = rss_gb()
     cfg = load_method_config(args.preset, {
         "rollout": {"max_new_tokens": args.tokens, "min_new_tokens": args.tokens},
@@ -109,7 +110,8 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     stage_peaks = peaks.close()
     result = {
-        "model": "SmolLM2-135M-Instruct (fp32, CPU)", "preset": args.preset, "batch": args.batch,
+        "model": f"SmolLM2-135M-Instruct ({str(base.dtype).removeprefix('torch.')}, CPU)", "preset": args.preset,
+        "batch": args.batch,
         "completion_tokens": report.tokens["completion"], "view_items": report.tokens["view_items"],
         "gradient_checkpointing": not args.no_checkpointing, "activation_budget_mb": cfg.activation_budget_mb,
         "kept_layers": trainer.kept_layers, "chunk_tokens": cfg.chunk_tokens,

@@ -68,7 +68,8 @@ def main() -> None:
                      "positions": int(len(kl)), "tokens_per_s": args.batch * args.tokens / min(seconds),
                      "seconds": seconds})
 
-    print(json.dumps({"model": base.source.path.name, "batch": args.batch, "tokens": args.tokens,
+    print(json.dumps({"model": base.source.path.name, "dtype": str(base.dtype).removeprefix("torch."),
+                      "batch": args.batch, "tokens": args.tokens,
                       "threads": threads, "rows": rows}))
     print(f"\n{'weights':8} {'mean KL':>9} {'p95 KL':>9} {'top-1':>6} {'tokens/s':>9}  file")
     for r in rows:
