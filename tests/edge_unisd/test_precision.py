@@ -8,13 +8,10 @@ import pytest
 import torch
 
 from edge_unisd import precision
-from edge_unisd.config import load_method_config
-from edge_unisd.eval import distillation_gap, sample_completions
 from edge_unisd.modeling import attach_lora, load_base
-from edge_unisd.trainer import UniSDTrainer, run_round
 from edge_unisd.vocab_grad import fused_distill_chunk, fused_token_logps_chunk
 from tests.conftest import make_tiny_llama
-from tests.edge_unisd.test_trainer import PROFILE, TRAIN
+from tests.edge_unisd.test_trainer import context_gap_before_after
 
 IDS = torch.tensor([[1, 5, 9, 12, 40, 7, 300, 2000]])
 
@@ -98,17 +95,7 @@ def test_a_bf16_cpu_model_learns_what_the_context_teaches(tiny_folder, tokenizer
     model = attach_lora(loaded.model, rank=8, alpha=16, dropout=0.0, target_modules="all-linear")
     lora = [p for n, p in model.named_parameters() if p.requires_grad]
     assert lora and all(p.dtype == torch.float32 for p in lora)  # the adapter trains in fp32
-    cfg = load_method_config("sd", {"rollout": {"max_new_tokens": 10, "temperature": 1.0},
-                                    "gradient_checkpointing": True,
-                                    "optim": {"lr": 3e-3, "batch_size": 4, "micro_batch_size": 2,
-                                              "warmup_ratio": 0.0, "schedule": "constant"},
-                                    "lora": {"rank": 8, "alpha": 16}})
-    fixed = sample_completions(model, tokenizer, TRAIN, max_new_tokens=10, temperature=1.0, seed=1)
-    gap_before = distillation_gap(model, tokenizer, TRAIN, fixed, profile=PROFILE, teacher="base")
-    trainer = UniSDTrainer(model, tokenizer, cfg, total_steps=20, profile=PROFILE, pool=TRAIN)
-    result = run_round(trainer, TRAIN, steps=20)
-    gap_after = distillation_gap(model, tokenizer, TRAIN, fixed, profile=PROFILE, teacher="base")
-    assert result.status == "completed" and result.steps_done == 20
+    gap_before, gap_after = context_gap_before_after(model, tokenizer, gradient_checkpointing=True)
     assert all(p.dtype == torch.float32 for p in lora)
     assert gap_before > 0.05, "the context must matter for the test to mean anything"
     assert gap_after <= 0.5 * gap_before, (gap_before, gap_after)

@@ -41,6 +41,17 @@ def _peft(tokenizer, init_std=0.1, seed=0):
     return attach_lora(model, rank=8, alpha=16, dropout=0.0, target_modules="all-linear")
 
 
+def context_gap_before_after(model, tokenizer, preset: str = "sd", **over) -> tuple[float, float]:
+    """The context gap on TRAIN's fixed completions before and after a completed round of 20 steps of `preset`
+    (`_cfg` with `over`): what a base held another way (4-bit, bf16) must close as the fp32 one does."""
+    fixed = sample_completions(model, tokenizer, TRAIN, max_new_tokens=10, temperature=1.0, seed=1)
+    gap_before = distillation_gap(model, tokenizer, TRAIN, fixed, profile=PROFILE, teacher="base")
+    trainer = UniSDTrainer(model, tokenizer, _cfg(preset, **over), total_steps=20, profile=PROFILE, pool=TRAIN)
+    result = run_round(trainer, TRAIN, steps=20)
+    assert result.status == "completed" and result.steps_done == 20
+    return gap_before, distillation_gap(model, tokenizer, TRAIN, fixed, profile=PROFILE, teacher="base")
+
+
 def _drift_from_base(model, tokenizer, items, rollout) -> float:
     prompts = [render_prompt(tokenizer, it.messages) for it in items]
     with torch.no_grad():
