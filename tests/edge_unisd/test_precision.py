@@ -10,19 +10,9 @@ import torch
 from edge_unisd import precision
 from edge_unisd.modeling import attach_lora, load_base
 from edge_unisd.vocab_grad import fused_distill_chunk, fused_token_logps_chunk
-from tests.conftest import make_tiny_llama
 from tests.edge_unisd.test_trainer import context_gap_before_after
 
 IDS = torch.tensor([[1, 5, 9, 12, 40, 7, 300, 2000]])
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, tokenizer):
-    """A tiny random llama saved as an HF folder with the bundled tokenizer (what load_base reads)."""
-    folder = tmp_path_factory.mktemp("tiny-bf16")
-    make_tiny_llama(len(tokenizer), init_std=0.1).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_the_probe_times_both_dtypes_once_a_process():

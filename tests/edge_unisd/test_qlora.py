@@ -10,19 +10,9 @@ import torch
 
 from adapters.merge import is_quantized, merge_adapter
 from edge_unisd.modeling import ModelLoadError, attach_lora, load_base
-from tests.conftest import make_tiny_llama
 from tests.edge_unisd.test_trainer import context_gap_before_after
 
 pytest.importorskip("bitsandbytes")
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, tokenizer):
-    """A tiny random llama saved as an HF folder with the bundled tokenizer (what load_base reads)."""
-    folder = tmp_path_factory.mktemp("tiny-qlora")
-    make_tiny_llama(len(tokenizer), init_std=0.1).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def _logits(model, ids):
