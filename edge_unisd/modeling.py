@@ -20,7 +20,12 @@ from safetensors.torch import save_file
 
 from edge_unisd.atomic_io import atomic_dir, ensure_private_dir, remove_stale_temps
 from edge_unisd.heap import configure_heap
-from edge_unisd.precision import cast_keeping_head_float32, compute_dtype_choice, cpu_compute_dtype
+from edge_unisd.precision import (
+    cast_keeping_head_float32,
+    compute_dtype_choice,
+    cpu_compute_dtype,
+    wants_float32_head,
+)
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +191,7 @@ def load_base(
     dev, dt = pick_device_dtype(device, dtype)
     quantized = _quantization_kwargs(quantization, dev, dt)
     # a half-precision CPU model keeps its LM head in fp32 (edge_unisd.precision): load fp32, cast the rest
-    float32_head = not quantized and dev.type == "cpu" and dt != torch.float32
+    float32_head = not quantized and wants_float32_head(dev, dt)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32 if float32_head else dt,

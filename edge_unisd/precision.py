@@ -72,6 +72,11 @@ def cpu_compute_dtype(choice: str = "auto") -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[choice]
 
 
+def wants_float32_head(device: torch.device, dtype: torch.dtype) -> bool:
+    """A half-precision CPU model gets an fp32 LM head (`cast_keeping_head_float32`); a GPU keeps its own head."""
+    return device.type == "cpu" and dtype != torch.float32
+
+
 def _inputs_to_weight_dtype(module: torch.nn.Module, args: tuple) -> tuple:
     """Forward pre-hook: the head's input (bf16 hidden states) in the head's own dtype (fp32)."""
     return (args[0].to(module.weight.dtype), *args[1:])
