@@ -146,18 +146,14 @@ def load_model(spec: str, *, device: str | None = None, dtype: str | None = None
     from transformers import AutoModelForCausalLM
 
     from edge_unisd.heap import configure_heap
-    from edge_unisd.precision import cast_keeping_head_float32, wants_float32_head
 
     configure_heap()  # as load_base does
     tok = bundled_tokenizer()
     config = random_model_config(spec, tok)
     dev, dt = pick_device_dtype(device, dtype)
-    float32_head = quantization == "none" and wants_float32_head(dev, dt)  # as load_base holds it
     torch.manual_seed(seed)
     with torch.device(dev):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if float32_head else dt)
-    if float32_head:
-        cast_keeping_head_float32(model, dt)
+        model = AutoModelForCausalLM.from_config(config, dtype=dt)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     source = BaseSource("hf", Path(f"/random/{spec}"), f"random-{spec}-{seed}")

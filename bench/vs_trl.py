@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TRL objective: full_logits (= ours, forward KL) or topk_logits (TRL's default)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="both sides' compute dtype (default float32; bfloat16: TRL with bf16 autocast, ours as "
-                        "edge_unisd.precision holds a bf16 model: fp32 LM head and loss)")
+                        "edge_unisd.precision holds a bf16 model: fp32 LoRA weights and loss arithmetic)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: every CPU)")
     p.add_argument("--child-timeout", type=float, default=3600.0, help="seconds before a run is killed")
     p.add_argument("--tiny", action="store_true", help="smoke run: tiny random llama, 1 step, 4 tokens")

@@ -60,7 +60,8 @@ class DaemonSettings(BaseModel):
     compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="what training and evaluation compute in: auto (bf16 on a GPU; on a CPU bf16 where it "
         "multiplies bf16 natively, measured at start, e.g. AVX512-BF16 CPUs: ~1.5x faster rounds; fp32 elsewhere), "
-        "float32 or bfloat16. The LM head and the loss stay fp32; exports merge into the full-precision base")
+        "float32 or bfloat16. The LoRA weights and the loss arithmetic stay fp32; exports merge into the "
+        "full-precision base")
     rollout_backend: RolloutBackendName = Field(
         "auto", description="who samples the on-policy answers: auto (llama.cpp for a GGUF base on CPU, "
         "else transformers), hf (transformers generate) or llamacpp (insist)")

@@ -20,12 +20,7 @@ from safetensors.torch import save_file
 
 from edge_unisd.atomic_io import atomic_dir, ensure_private_dir, remove_stale_temps
 from edge_unisd.heap import configure_heap
-from edge_unisd.precision import (
-    cast_keeping_head_float32,
-    compute_dtype_choice,
-    cpu_compute_dtype,
-    wants_float32_head,
-)
+from edge_unisd.precision import compute_dtype_choice, cpu_compute_dtype
 
 log = logging.getLogger(__name__)
 
@@ -190,18 +185,13 @@ def load_base(
     folder = gguf_to_hf_folder(source, cache_dir) if source.kind == "gguf" else source.path
     dev, dt = pick_device_dtype(device, dtype)
     quantized = _quantization_kwargs(quantization, dev, dt)
-    # a half-precision CPU model keeps its LM head in fp32 (edge_unisd.precision): load fp32, cast the rest
-    float32_head = not quantized and wants_float32_head(dev, dt)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32 if float32_head else dt,
-                                                     **quantized)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, **quantized)
     except Exception as e:
         raise ModelLoadError(f"cannot load model from {folder}: {e}") from e
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if float32_head:
-        cast_keeping_head_float32(model, dt)
     if not quantized:
         model.to(dev)  # a bitsandbytes model is placed by its device_map and cannot be moved
     elif dev.type == "cpu":
@@ -224,20 +214,17 @@ def _copy_out_of_checkpoint_map(model: torch.nn.Module) -> None:
             param.data = param.data.clone()  # the Parameter object stays: tied weights stay tied
 
 
-def _keep_one_cpu_4bit_format(model: torch.nn.Module) -> int:
-    """Keep bitsandbytes' CPU 4-bit layers in the one format training uses; returns how many were pinned.
+def _keep_one_cpu_4bit_format(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes' CPU 4-bit layers in the one format training uses.
 
     On CPUs with AVX512-BF16 (Zen 4/5, Sapphire Rapids) bitsandbytes repacks a Linear4bit's weight the first
     time it runs in eval mode without grad, rounding its absmax scales to bf16. The teacher's forwards run so,
     the student's do not: teacher and student would compute with different base weights, and on in_features
     below the 64-wide block the repacking fails outright. Pinning the flag off keeps one set of weights.
     """
-    pinned = 0
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-            pinned += 1
-    return pinned
 
 
 def _quantization_kwargs(quantization: str, device: torch.device, dtype: torch.dtype) -> dict:

@@ -177,9 +177,9 @@ def fused_distill_chunk(s_h_N_H: torch.Tensor, t_h_N_H: torch.Tensor, tokens_N: 
                                                       logps_grad, scratch)
     else:
         with torch.no_grad():
-            t_logits_N_V = F.linear(t_h_N_H.to(weight.dtype), weight, bias)
+            t_logits_N_V = F.linear(t_h_N_H, weight, bias)
             t_logp_N_V = log_softmax_at(t_logits_N_V)
-        z_N_V = F.linear(s_h_N_H.detach().to(weight.dtype), weight, bias)
+        z_N_V = F.linear(s_h_N_H.detach(), weight, bias)
         values, dirs, t_tok, entropy = _autograd_chunk(z_N_V, t_logits_N_V, t_logp_N_V, tokens_N, weight, kind=kind,
                                                        beta=beta, temperature=temperature, logps_grad=logps_grad)
     div, s_tok = values
@@ -198,7 +198,7 @@ def fused_token_logps_chunk(h_N_H: torch.Tensor, tokens_N: torch.Tensor, head: t
     """
     weight = head.weight
     with torch.no_grad():
-        logp_N_V = log_softmax_at(F.linear(h_N_H.to(weight.dtype), weight, head.bias), temperature)
+        logp_N_V = log_softmax_at(F.linear(h_N_H, weight, head.bias), temperature)
         logps = pick_token_logps(logp_N_V, tokens_N)
         dir_N_H = _token_logp_rows(logp_N_V.exp_(), tokens_N, weight) / temperature
         del logp_N_V

@@ -224,15 +224,14 @@ def test_throughput_tiny_run_on_an_nf4_base(throughput):
         throughput.run(["--tiny", "--quantize", "nf4", "--rollout-backend", "llamacpp"])
 
 
-def test_throughput_tiny_run_in_bf16_holds_the_head_in_fp32(throughput):
+def test_throughput_tiny_run_in_bf16(throughput):
     import torch
 
     r = throughput.run(["--tiny", "--dtype", "bfloat16", "--preset", "sd"])
     assert r["model"]["dtype"] == "bfloat16" and r["limit"]["dtype"] == "bfloat16"
     assert finite(r["tokens_per_s"]) and r["tokens_per_s"] > 0
-    loaded = throughput.load_model("tiny", dtype="bfloat16")  # random weights: held as load_base holds a base
-    assert loaded.model.get_output_embeddings().weight.dtype == torch.float32
-    assert loaded.model.model.embed_tokens.weight.dtype == torch.bfloat16
+    loaded = throughput.load_model("tiny", dtype="bfloat16")  # random weights in the asked dtype
+    assert all(p.dtype == torch.bfloat16 for p in loaded.model.parameters())
 
 
 # --- decode_rate -----------------------------------------------------------------------------------
