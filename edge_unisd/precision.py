@@ -3,8 +3,9 @@
 Why measured, not read from CPU flags: on 2 cores of an AMD EPYC (Zen 5, AVX512-BF16) a bf16 matmul
 at SmolLM2's shapes ran at 886 GFLOP/s against 207 for fp32 (`bench/limit.py --bf16`), while on CPUs
 without native bf16 dot products oneDNN emulates it (this project's CI-class machines: ~5x slower than
-fp32 on an Intel Xeon, 130x on an AVX2 EPYC: 0.8 against 104 GFLOP/s), and a CPU may list AMX in its flags without the OS letting a process use it. One probe matmul per
-dtype (a few ms) tells the kinds apart; `BF16_MIN_SPEEDUP` leaves a wide margin on both sides.
+fp32 on an Intel Xeon, 130x on an AVX2 EPYC: 0.8 against 104 GFLOP/s), and a CPU may list AMX in its
+flags without the OS letting a process use it. One probe matmul per dtype (a few ms) tells the kinds
+apart; `BF16_MIN_SPEEDUP` leaves a wide margin on both sides.
 
 In bf16 the whole base is bf16, head included; the LoRA weights and their optimizer state stay fp32 (PEFT
 upcasts them; edge_unisd.lora_fused multiplies with bf16 copies) and every softmax, divergence and mean of
