@@ -50,6 +50,20 @@ def layers_to_keep(budget_bytes: int, tokens: int, bytes_per_token_layer: int, n
     return min(num_layers, budget_bytes // per_layer)
 
 
+def enable_checkpointing(model) -> None:
+    """Give every decoder layer transformers' non-reentrant checkpoint function, under either API name.
+
+    transformers 5 renamed `gradient_checkpointing_enable` to `activation_checkpointing_enable` and warns on
+    the old name, which goes in v6; 4.x has only the old one, and pyproject admits both (>=4.56).
+    """
+    base = causal_lm(model)
+    enable = getattr(base, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def checkpointable_layers(model) -> list[torch.nn.Module]:
     """The decoder layers transformers checkpoints (GradientCheckpointingLayer), in order."""
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -60,7 +74,7 @@ def checkpointable_layers(model) -> list[torch.nn.Module]:
 def apply_activation_budget(model, tokens: int, budget_bytes: int) -> int:
     """Checkpoint all but the last k decoder layers, k from the budget for `tokens`; returns k.
 
-    For a model whose checkpointing was enabled (`gradient_checkpointing_enable`); call before each
+    For a model whose checkpointing was enabled (`enable_checkpointing`); call before each
     training forward, as the token count changes per batch. A model whose layers were never given a
     checkpoint function is left alone and reports every layer kept.
     """

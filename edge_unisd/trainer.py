@@ -22,7 +22,7 @@ import torch
 
 from edge_unisd.atomic_io import atomic_path
 from edge_unisd.attention import use_gqa_attention
-from edge_unisd.checkpointing import apply_activation_budget, checkpointable_layers
+from edge_unisd.checkpointing import apply_activation_budget, checkpointable_layers, enable_checkpointing
 from edge_unisd.config import MethodConfig
 from edge_unisd.heap import configure_heap, release_free_memory
 from edge_unisd.items import Item
@@ -38,7 +38,6 @@ from edge_unisd.losses import (
 )
 from edge_unisd.rollout import Rollout, eos_token_ids, generate_completions, pack_completions
 from edge_unisd.scoring import (
-    causal_lm,
     chunked_distill_terms,
     chunked_token_logps,
     completion_hidden,
@@ -138,7 +137,7 @@ class UniSDTrainer:
         self.step_count = 0
         self.total_steps = max(1, total_steps)
         if cfg.gradient_checkpointing:
-            causal_lm(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
         # decoder layers whose activations the last student forward kept instead of recomputing them
         self.kept_layers = 0 if cfg.gradient_checkpointing else len(checkpointable_layers(model))
         self.ema = EmaAdapter(model, cfg.ema_decay, cfg.ema_every) if cfg.teacher == "ema" else None

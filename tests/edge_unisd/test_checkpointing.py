@@ -4,6 +4,7 @@ the last layers, and which layers are kept never changes the gradients."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from edge_unisd.checkpointing import (
     activation_bytes_per_token_layer,
     apply_activation_budget,
     checkpointable_layers,
+    enable_checkpointing,
     layers_to_keep,
 )
 from edge_unisd.lora_fused import fuse_lora_layers
@@ -32,7 +34,7 @@ def _student(hidden: int = 128, layers: int = LAYERS):
             torch.nn.init.normal_(p, std=0.05)
     fuse_lora_layers(model)
     use_gqa_attention(model)
-    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     model.train()
     return model
 
@@ -87,6 +89,28 @@ def test_the_last_layers_are_kept_and_a_smaller_batch_keeps_more():
     assert not any(layer.gradient_checkpointing for layer in checkpointable_layers(model))
     assert apply_activation_budget(model, tokens=400, budget_bytes=budget) == 0
     assert all(layer.gradient_checkpointing for layer in checkpointable_layers(model))
+
+
+def test_checkpointing_is_enabled_without_the_deprecated_name_and_is_not_reentrant():
+    model = attach_lora(make_tiny_llama(vocab_size=96, hidden=32, layers=3), rank=4, alpha=8, dropout=0.0,
+                        target_modules="all-linear")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # transformers 5 warns on gradient_checkpointing_enable
+        enable_checkpointing(model)
+    layers = checkpointable_layers(model)
+    assert len(layers) == 3 and all(layer.gradient_checkpointing for layer in layers)
+    assert all(layer._gradient_checkpointing_func.keywords == {"use_reentrant": False} for layer in layers)
+
+
+def test_checkpointing_falls_back_to_the_old_name_where_the_new_one_is_missing():
+    calls = []
+
+    class OldTransformersModel(torch.nn.Module):  # transformers 4.x: only gradient_checkpointing_enable
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            calls.append(gradient_checkpointing_kwargs)
+
+    enable_checkpointing(OldTransformersModel())
+    assert calls == [{"use_reentrant": False}]
 
 
 def test_a_model_never_given_checkpointing_is_left_alone():
