@@ -14,8 +14,8 @@ are not rounded to bf16 (up to 0.125 at 16-32), was built and measured, and did 
 three seeds on the Zen 5, held-out fit -0.401 with it against -0.420 with the bf16 head, whose steps
 were 10-15% faster (bench/results/precision holds the fp32-head runs; the bf16-head runs' files were not
 kept). Against fp32 on the bundled model (`bench/ablate.py --presets sd edge --dtype D`): per step about
-the same (12 steps: sd -0.420 vs -0.438 nats/token), per
-second of training more, which is what a round's time budget spends; retention JSD the same.
+the same (12 steps: sd -0.420 vs -0.438 nats/token), per second of training more, which is what a
+round's time budget spends; retention JSD the same.
 
 `EDGE_UNISD_COMPUTE_DTYPE` (auto | float32 | bfloat16) sets the choice for a process; the daemon's
 settings key `compute_dtype` is the same variable.
