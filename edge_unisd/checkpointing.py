@@ -5,10 +5,14 @@ keeping every layer's activations costs ~42 KB per token per layer for SmolLM2-1
 batch of 8 x 108 tokens). Between the two, the activations of the last k layers are kept, k as many
 as `activation_budget_mb` covers for this batch's token count, and only the others are recomputed.
 The last layers are the ones kept because backward frees them first, before any recompute starts.
-Measured on 2 AVX2 cores, `sd` at batch 8 x 64 (alternating in one process): the default 512 MB
-keeps 14 of 30 layers and took the student stage from 6.10 to 5.71 s for a step peak of 2.45 GB
-against 2.00 GB; every layer kept, 5.93 -> 4.82 s for 3.08 GB (above TRL's 2.70-2.89 GB on the
-same work, bench/vs_trl.py).
+Measured on 2 AVX2 cores, `sd` at batch 8 x 64 (alternating in one process): 512 MB kept 14 of 30
+layers and took the student stage from 6.10 to 5.71 s for a step peak of 2.45 GB against 2.00 GB;
+every layer kept, 5.93 -> 4.82 s for 3.08 GB (above TRL's 2.70-2.89 GB on the same work,
+bench/vs_trl.py). The default is 256 MB: on a Zen 4 with llama.cpp rollouts (medians of 4,
+alternating) the `sd` student stage took 5.82 / 5.62 / 5.50 s at 0 / 256 / 512 MB in fp32 and
+3.35 / 3.23 / 3.20 s in bf16, while each 256 MB of budget added ~0.35 GB to the step's peak; in bf16,
+whose smaller weights and logits bring TRL's peak down to ~2.0 GB, 512 MB put both presets above it
+(sd 2.23, edge 2.34 GB) and 256 MB below (1.89, 1.97).
 
 The estimate counts what autograd saves in a LLaMA-style layer with LoRA on every linear layer:
 seven hidden-size tensors (the layer input, both RMSNorm outputs, the rotated queries, attention's

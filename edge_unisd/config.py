@@ -103,8 +103,9 @@ class MethodConfig(_Strict):
                                           "matmul near the machine's rate (128: ~0.4 s slower per 8 x 64 step)")
     gradient_checkpointing: bool = Field(True, description="recompute decoder activations in backward (memory)")
     activation_budget_mb: int = Field(
-        512, ge=0, le=1 << 20, description="with gradient_checkpointing: MB of decoder activations kept per step "
-                                           "instead of recomputed, last layers first (0: recompute every layer)")
+        256, ge=0, le=1 << 20, description="with gradient_checkpointing: MB of decoder activations kept per step "
+                                           "instead of recomputed, last layers first (0: recompute every layer; "
+                                           "edge_unisd.checkpointing says why 256)")
     seed: int = Field(0, ge=0, description="seed for rollouts, views and data order")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     rollout: RolloutSettings = Field(default_factory=RolloutSettings)
