@@ -89,7 +89,7 @@ def rss_gb() -> float:
 
 def peak_rss_gb() -> float:
     """This process's peak RSS so far (ru_maxrss: KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 # --- model ---------------------------------------------------------------------------------------

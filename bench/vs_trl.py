@@ -265,7 +265,7 @@ def spawn(args: argparse.Namespace, system: str, workdir: Path, index: int) -> d
         tail = log.read_text(errors="replace")[-LOG_TAIL:]
         raise RuntimeError(f"{system} run {index} exited with {proc.returncode} (log {log}):\n{tail}")
     data = json.loads(result.read_text())
-    data.update({"peak_rss_gb": usage.ru_maxrss / 1e6, "wall_seconds": time.perf_counter() - t0, "order": index})
+    data.update({"peak_rss_gb": usage.ru_maxrss * 1024 / 1e9, "wall_seconds": time.perf_counter() - t0, "order": index})
     return data
 
 
