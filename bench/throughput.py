@@ -87,9 +87,15 @@ def rss_gb() -> float:
     return psutil.Process().memory_info().rss / 1e9
 
 
+def kib_to_gb(kib: float) -> float:
+    """Linux's "kB" (ru_maxrss, /proc/*/status) are KiB: in GB of 10^9 bytes, as psutil's RSS is given here."""
+    return kib * 1024 / 1e9
+
+
 def peak_rss_gb() -> float:
-    """This process's peak RSS so far (ru_maxrss: KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    """This process's peak RSS so far. On Linux a child's ru_maxrss starts at its parent's peak at fork
+    (kept across exec), so a small process started from a large one reports the large one's peak."""
+    return kib_to_gb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 # --- model ---------------------------------------------------------------------------------------

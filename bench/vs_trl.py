@@ -248,7 +248,8 @@ def child_argv(args: argparse.Namespace, system: str, result: Path) -> list[str]
 
 
 def spawn(args: argparse.Namespace, system: str, workdir: Path, index: int) -> dict[str, Any]:
-    """One child run; its own peak RSS comes from wait4 (ru_maxrss of that child alone, KiB on Linux)."""
+    """One child run; its peak RSS comes from wait4 (ru_maxrss, KiB on Linux). A child's count starts at this
+    parent's peak at fork, which holds no model (~20 MB), so it is each child's own above that."""
     result, log = workdir / f"run{index}-{system}.json", workdir / f"run{index}-{system}.log"
     t0 = time.perf_counter()
     with open(log, "wb") as out:
@@ -265,7 +266,8 @@ def spawn(args: argparse.Namespace, system: str, workdir: Path, index: int) -> d
         tail = log.read_text(errors="replace")[-LOG_TAIL:]
         raise RuntimeError(f"{system} run {index} exited with {proc.returncode} (log {log}):\n{tail}")
     data = json.loads(result.read_text())
-    data.update({"peak_rss_gb": usage.ru_maxrss * 1024 / 1e9, "wall_seconds": time.perf_counter() - t0, "order": index})
+    data.update({"peak_rss_gb": throughput().kib_to_gb(usage.ru_maxrss), "wall_seconds": time.perf_counter() - t0,
+                 "order": index})
     return data
 
 
