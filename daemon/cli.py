@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import datetime as dt
 import json
+import logging
 import os
 import signal
 import sys
@@ -680,6 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
 # peft asks transformers 5 for `is_gradient_checkpointing` on every adapter load, which warns each time
 # about a rename the user can do nothing about.
 QUIET_WARNINGS = (r".*`is_gradient_checkpointing` is deprecated.*",)
+# bitsandbytes (imported by peft) looks for a hub kernel for its 4-bit CPU path on AVX512-BF16 CPUs and, offline
+# by design here, warns twice on every model load before using its own code: nothing the user can act on.
+QUIET_LOGGERS = ("kernels", "bitsandbytes.backends.cpu.ops")
 
 
 def _check_heap_policy() -> None:
@@ -695,6 +699,8 @@ def _check_heap_policy() -> None:
 def main(argv: list[str] | None = None) -> int:
     for message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     try:
         _check_heap_policy()

@@ -297,3 +297,17 @@ def test_status_names_the_base_quantization_setting_but_claims_no_qlora_adapter_
     assert rc == 0 and json.loads(out)["settings"]["base_quantization"] == "nf4"
     rc, out, _ = run(capsys, "status", "--home", str(home))
     assert rc == 0 and "none yet (base model)" in out and "QLoRA" not in out
+
+
+def test_the_cli_silences_bitsandbytes_offline_kernel_warnings(tmp_path, capsys):
+    """On AVX512-BF16 CPUs bitsandbytes warns on every load that it cannot fetch a hub kernel (offline by design)."""
+    import logging
+
+    from daemon.cli import QUIET_LOGGERS
+
+    main(["status", "--home", str(tmp_path / "home"), "--json"])
+    capsys.readouterr()
+    for name in QUIET_LOGGERS:
+        logger = logging.getLogger(name)
+        assert not logger.isEnabledFor(logging.WARNING), name
+        assert logger.isEnabledFor(logging.ERROR), name  # real failures still show
