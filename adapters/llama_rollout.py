@@ -66,7 +66,25 @@ _UBATCH = 512  # prefill tokens per physical batch: bounds the compute buffer
 # Flash attention off (LLAMA_FLASH_ATTN_TYPE_DISABLED): on it was slower (45 vs 70 tokens/s with 873-token
 # prompts) and its rounding flipped a near-tie that HF generate resolves the other way.
 _FLASH_ATTN = 0
-ROLLOUT_WEIGHTS = ("f16", "q8_0", "base")  # what llama.cpp samples from (see rollout_weights_file)
+ROLLOUT_WEIGHTS = ("f16", "bf16", "q8_0", "base")  # what llama.cpp samples from (see rollout_weights_file)
+WEIGHTS_SETTINGS = ("auto", *ROLLOUT_WEIGHTS)  # rollout.llama_weights: auto follows the training dtype
+
+
+def resolve_rollout_weights(setting: str, model_dtype: torch.dtype) -> str:
+    """`auto`: a bf16 copy when the model trains in bf16, else f16; any other setting as it is.
+
+    Why: the trainer runs in bf16 only where the CPU multiplies bf16 natively (edge_unisd.precision), and
+    there llama.cpp's bf16 dot products beat its f16 ones, which convert to fp32 first: on 2 Zen 4 cores
+    (AVX512-BF16) a decode step of 8 rows took 27.5 / 28.2 ms against 33.8 / 39.9 with f16 at 64 tokens,
+    35.4 / 42.1 against 45.2 / 48.4 at 256 (bench/decode_rate.py, alternating). On AVX2 CPUs bf16 was the
+    slower of the two, and those train in fp32. A bf16 copy is on-policy for a bf16 model to the same
+    rounding (next-token KL 0.0014 against f16's 0.0013, bench/rollout_fidelity.py).
+    """
+    if setting not in WEIGHTS_SETTINGS:
+        raise RolloutBackendError(f"rollout weights {setting!r}: use one of {', '.join(WEIGHTS_SETTINGS)}")
+    if setting != "auto":
+        return setting
+    return "bf16" if model_dtype == torch.bfloat16 else "f16"
 LORA_MODES = ("auto", "merged", "adapter")  # how the live LoRA reaches llama.cpp (see LlamaCppRollout)
 
 
@@ -91,7 +109,8 @@ def check_gguf_file(path: Path) -> Path:
 def rollout_weights_file(base_gguf: Path, weights: str, cache_dir: Path | None = None) -> Path:
     """The GGUF llama.cpp samples from: the base itself, or a copy of it stored as `weights`, made once.
 
-    `f16` (default): a quantised base's values to f16 rounding, unquantised in llama.cpp's matmuls.
+    `f16` (default): a quantised base's values to f16 rounding, unquantised in llama.cpp's matmuls;
+    `bf16` the same to bf16 rounding (for a model trained in bf16: `resolve_rollout_weights`).
     Measured for SmolLM2-135M Q4_1 by bench/rollout_fidelity.py (mean KL(torch || llama.cpp) of the
     next-token distributions over adapters/verify.py's 280 probe positions; tokens/s at batch 8 x 64 on
     2 cores): the Q4_1 file itself, whose Q4_1 x Q8_1 dot products quantise activations too, KL 0.0044
@@ -102,7 +121,8 @@ def rollout_weights_file(base_gguf: Path, weights: str, cache_dir: Path | None =
     sha256, written atomically.
     """
     if weights not in ROLLOUT_WEIGHTS:
-        raise RolloutBackendError(f"rollout weights {weights!r}: use one of {', '.join(ROLLOUT_WEIGHTS)}")
+        raise RolloutBackendError(f"rollout weights {weights!r}: use one of {', '.join(ROLLOUT_WEIGHTS)} "
+                                  "(`auto` is resolved by resolve_rollout_weights first)")
     if weights == "base":
         return base_gguf
     from adapters.gguf_export import ExportError, retype_gguf
@@ -192,8 +212,8 @@ class LlamaCppRollout:
     """The base GGUF in llama.cpp, with the live LoRA written and swapped in on every `generate` call.
 
     `n_ctx` bounds one row's prompt + completion tokens; `n_threads` defaults to torch's thread count.
-    `weights` picks what llama.cpp holds (f16 copy, q8_0 copy, or the base file; `rollout_weights_file`);
-    `base_gguf` is then that file. `lora`: "merged" (the LoRA merged into a private copy of f16/f32
+    `weights` picks what llama.cpp holds (f16, bf16 or q8_0 copy, or the base file; `rollout_weights_file`);
+    `base_gguf` is then that file. `lora`: "merged" (the LoRA merged into a private copy of f16/bf16/f32
     weights, checked once to reach llama.cpp; an error where it cannot), "adapter" (a LoRA GGUF per call),
     or "auto" (merged where it can be, else adapter); `lora_mode` says which one runs.
     `totals` accumulates seconds per phase (adapter tensors read, GGUF written, loaded; merged weights

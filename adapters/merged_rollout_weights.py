@@ -8,11 +8,11 @@ what writing and loading the adapter GGUF cost. Measured on 2 CPU cores, batch 8
 
 The copy lives in a memfd (Linux): RAM private to this process, gone when it exits, so a crash leaves no
 scratch file behind and nothing is written to disk on every step. llama.cpp loads the model from
-`/proc/self/fd/N` and, for f16/f32 weights on its CPU backend, reads them from that shared mapping, so a
+`/proc/self/fd/N` and, for f16/bf16/f32 weights on its CPU backend, reads them from that shared mapping, so a
 write is seen by the next decode without reloading. A build that copies weights into buffers of its own
 (a repacking CPU backend, GPU offload) would keep sampling the stale ones: the rollout backend checks
 once, on the loaded model, that a write changes its logits (`LlamaCppRollout`), and uses the adapter
-otherwise. Only f16/f32 tensors can be patched (the default f16 rollout copy, an unquantised base);
+otherwise. Only f16/bf16/f32 tensors can be patched (the f16 and bf16 rollout copies, an unquantised base);
 a quantised rollout file uses the adapter.
 
 The merged values are computed in torch from the training model's own base weights and PEFT's
@@ -35,8 +35,13 @@ import torch
 if TYPE_CHECKING:
     from adapters.gguf_export import ModelShape
 
-_PATCHABLE = {0: torch.float32, 1: torch.float16}  # GGML_TYPE_F32, GGML_TYPE_F16
+_PATCHABLE = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}  # GGML_TYPE_F32, _F16, _BF16
 _COPY_CHUNK = 1 << 30
+
+
+def _raw_bytes(t: torch.Tensor) -> np.ndarray:
+    """A contiguous tensor's bytes as numpy holds them (numpy has no bfloat16: its bits as int16)."""
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
 class MergedWeightsError(RuntimeError):
@@ -53,7 +58,7 @@ class TensorSlot:
 
 
 def tensor_slots(path: str, size: int, mtime_ns: int) -> dict[str, TensorSlot]:
-    """GGUF name -> slot of every f16/f32 tensor in `path`, once per file version per process (the table
+    """GGUF name -> slot of every f16/bf16/f32 tensor in `path`, once per file version per process (the table
     is cached by adapters/gguf_tensor_table, which skips the vocabulary: ~0.05 s for SmolLM2)."""
     from adapters.gguf_tensor_table import GGUFTableError, cached_tensor_table
 
@@ -134,7 +139,7 @@ class MergedWeights:
                     weight = weight + target.module.get_delta_weight(adapter).to(weight.dtype)
                 if target.rows is not None:
                     weight = weight.index_select(0, target.rows)
-                data = weight.to(target.slot.dtype).contiguous().numpy()
+                data = _raw_bytes(weight.to(target.slot.dtype).contiguous())
                 written += os.pwrite(self._fd, memoryview(data).cast("B"), target.slot.offset)
         self.holds_base = adapter is None
         return written
@@ -150,7 +155,7 @@ class MergedWeights:
         """(name, bytes) of a matmul weight whose zeroing changes the logits: the last block's FFN down."""
         name = f"blk.{shape.n_blocks - 1}.ffn_down.weight"
         if name not in self._slots:
-            raise MergedWeightsError(f"{name} is not an f16/f32 tensor of the rollout file")
+            raise MergedWeightsError(f"{name} is not an f16/bf16/f32 tensor of the rollout file")
         slot = self._slots[name]
         return name, int(np.prod(slot.shape)) * torch.finfo(slot.dtype).bits // 8
 
@@ -182,7 +187,7 @@ class MergedWeights:
             hf_name = module_name.removeprefix("base_model.model.") + ".weight"
             found = gguf_name_of(hf_name, name_map)
             if found is None or found[1] not in self._slots:
-                raise MergedWeightsError(f"LoRA layer {hf_name!r} has no f16/f32 tensor in the rollout file")
+                raise MergedWeightsError(f"LoRA layer {hf_name!r} has no f16/bf16/f32 tensor in the rollout file")
             kind, name = found
             slot = self._slots[name]
             if any(module.use_dora.values()) or module.fan_in_fan_out:

@@ -37,7 +37,7 @@ from bench.siblings import load  # noqa: E402  (after the path)
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", default=None, help="comma-separated rows per decode step (default 1,4,8,16)")
-    p.add_argument("--weights", default=None, help="comma-separated rollout weights: f16, q8_0, base "
+    p.add_argument("--weights", default=None, help="comma-separated rollout weights: f16, bf16, q8_0, base "
                                                    "(default all three)")
     p.add_argument("--tokens", type=int, default=None, help="new tokens per row (default 64)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per point, median kept (default 3)")

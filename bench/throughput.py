@@ -224,18 +224,20 @@ def method_overrides(*, batch: int, tokens: int, lora_rank: int, lr: float = 1e-
             "lora": {"rank": lora_rank, "alpha": 2.0 * lora_rank, "dropout": 0.0, "target_modules": "all-linear"}}
 
 
-def build_rollout_backend(kind: str, loaded, *, tiny: bool, weights: str = "f16", lora: str = "auto"):
+def build_rollout_backend(kind: str, loaded, *, tiny: bool, weights: str = "auto", lora: str = "auto"):
     """None for HF generate; else LlamaCppRollout on the base GGUF (random weights: exported to one first),
-    the LoRA applied as `lora` says (auto, merged, adapter)."""
+    holding `weights` (auto: as the daemon resolves it for this model's dtype), the LoRA applied as `lora`
+    says (auto, merged, adapter)."""
     if kind == "hf":
         return None
     import tempfile
 
     import torch
 
-    from adapters.llama_rollout import LlamaCppRollout, RolloutBackendError
+    from adapters.llama_rollout import LlamaCppRollout, RolloutBackendError, resolve_rollout_weights
 
     try:
+        weights = resolve_rollout_weights(weights, loaded.dtype)
         if loaded.source.kind == "gguf":
             return LlamaCppRollout(loaded.source.path, loaded.tokenizer, n_threads=torch.get_num_threads(),
                                    weights=weights, lora=lora)
@@ -375,9 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: every CPU)")
     p.add_argument("--repeats", type=int, default=None, help="matmul timing repeats for the MFU ceiling")
     p.add_argument("--tiny", action="store_true", help="smoke run: tiny random llama, 1 step, 4 tokens")
-    from adapters.llama_rollout import LORA_MODES, ROLLOUT_WEIGHTS
+    from adapters.llama_rollout import LORA_MODES, WEIGHTS_SETTINGS
 
-    p.add_argument("--rollout-weights", choices=ROLLOUT_WEIGHTS, default="f16",
+    p.add_argument("--rollout-weights", choices=WEIGHTS_SETTINGS, default="auto",
                    help="llamacpp: what llama.cpp samples from (adapters.llama_rollout.rollout_weights_file)")
     p.add_argument("--rollout-lora", choices=LORA_MODES, default="auto",
                    help="llamacpp: the live LoRA merged into a private copy of the weights, or applied as an adapter")

@@ -613,7 +613,7 @@ def _fingerprint_fn(loaded, overrides: Mapping[str, Any], engine: str | None = N
 
 def _planned_rollout_engine(cfg: MethodConfig, loaded: Any) -> str:
     """The rollout engine `_rollout_backend` would build, without loading llama.cpp to find out."""
-    return _rollout_engine_name(cfg, _wants_llama_cpp(cfg, loaded))
+    return _rollout_engine_name(cfg, _wants_llama_cpp(cfg, loaded), loaded)
 
 
 def _wants_llama_cpp(cfg: MethodConfig, loaded: Any) -> bool:
@@ -631,8 +631,12 @@ def _wants_llama_cpp(cfg: MethodConfig, loaded: Any) -> bool:
                                   and loaded.device.type == "cpu")
 
 
-def _rollout_engine_name(cfg: MethodConfig, llama_cpp: bool) -> str:
-    return f"llamacpp-{cfg.rollout.llama_weights}" if llama_cpp else "hf"
+def _rollout_engine_name(cfg: MethodConfig, llama_cpp: bool, loaded: Any) -> str:
+    if not llama_cpp:
+        return "hf"
+    from adapters.llama_rollout import resolve_rollout_weights
+
+    return f"llamacpp-{resolve_rollout_weights(cfg.rollout.llama_weights, loaded.dtype)}"
 
 
 def _run_round(home: Home, store: Store, settings: DaemonSettings, pending: PendingRound, loaded, *,
@@ -698,7 +702,7 @@ def _run_round(home: Home, store: Store, settings: DaemonSettings, pending: Pend
         if monitor is not None:
             monitor.close()
     spent = result.seconds
-    engine = _rollout_engine_name(cfg, trainer.rollout_backend is not None)  # what this round really used
+    engine = _rollout_engine_name(cfg, trainer.rollout_backend is not None, loaded)  # what this round really used
     _refit_cost_model(home, result.reports, _fingerprint_fn(loaded, pending.overrides, engine)(pending.preset))
     _remember_uncertainty(store, result.uncertainty)
     summary = {"round": pending.round_id, "preset": pending.preset, "resumed": resumed,
@@ -804,10 +808,11 @@ def _rollout_backend(cfg: MethodConfig, loaded: Any) -> Any:
     if loaded.source.kind != "gguf":
         raise AdaptError(f"rollout.backend llamacpp samples from the base GGUF, but the base is an HF folder "
                          f"({loaded.source.path}); set rollout_backend = \"hf\" (or \"auto\") in settings.toml")
-    from adapters.llama_rollout import LlamaCppRollout, RolloutBackendError
+    from adapters.llama_rollout import LlamaCppRollout, RolloutBackendError, resolve_rollout_weights
 
     try:
-        return LlamaCppRollout(loaded.source.path, loaded.tokenizer, weights=cfg.rollout.llama_weights,
+        weights = resolve_rollout_weights(cfg.rollout.llama_weights, loaded.dtype)
+        return LlamaCppRollout(loaded.source.path, loaded.tokenizer, weights=weights,
                                lora=cfg.rollout.llama_lora)
     except RolloutBackendError as e:
         if kind == "auto":

@@ -40,16 +40,18 @@ class RolloutSettings(_Strict):
         "auto", description="rollout engine: llamacpp (llama.cpp on the base GGUF with the live LoRA swapped in each "
         "step, every row in one decode: 135-140 vs ~64 tokens/s for HF generate at batch 8 x 64 on 2 CPU cores), "
         "hf (transformers generate, batched), or auto: llamacpp for a GGUF base on CPU where llama.cpp loads, else hf")
-    llama_weights: Literal["f16", "q8_0", "base"] = Field(
-        "f16", description="what llama.cpp samples from: an f16 copy of a quantised base (on-policy to f16 rounding; "
+    llama_weights: Literal["auto", "f16", "bf16", "q8_0", "base"] = Field(
+        "auto", description="what llama.cpp samples from: auto (bf16 when the model trains in bf16, where llama.cpp's "
+        "bf16 dot products are the faster, else f16; adapters.llama_rollout.resolve_rollout_weights), a bf16 copy, "
+        "an f16 copy of a quantised base (on-policy to f16 rounding; "
         "SmolLM2 Q4_1: next-token KL 1e-5, 157 tokens/s), a q8_0 copy (KL 0.0065, 192 tokens/s), or the base file "
         "(KL 0.0044, 162 tokens/s: llama.cpp quantises activations for quantised weights); copies are made once "
         "(bench/rollout_fidelity.py)")
     llama_lora: Literal["auto", "merged", "adapter"] = Field(
         "auto", description="how the live LoRA reaches llama.cpp: merged (written into a private in-RAM copy of "
-        "f16/f32 rollout weights each call; no LoRA matmuls per decode step: SmolLM2-135M batch 8 on 2 cores "
+        "f16/bf16/f32 rollout weights each call; no LoRA matmuls per decode step: SmolLM2-135M batch 8 on 2 cores "
         "1.21x at 64 tokens, 1.08x at 256), adapter (a LoRA GGUF loaded each call; any weights), or auto: "
-        "merged where the weights are f16/f32 and llama.cpp reads them from the file mapping, else adapter")
+        "merged where the weights are f16/bf16/f32 and llama.cpp reads them from the file mapping, else adapter")
 
 
 class OptimSettings(_Strict):

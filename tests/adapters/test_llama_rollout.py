@@ -565,7 +565,70 @@ def test_quantised_rollout_file_uses_the_adapter(tiny, tiny_q8, tmp_path):
         assert b.lora_mode == "adapter"
     finally:
         b.close()
-    with pytest.raises(RolloutBackendError, match="merged rollout weights unavailable: .*is not an f16/f32 tensor"):
+    with pytest.raises(RolloutBackendError, match="weights unavailable: .*is not an f16/bf16/f32 tensor"):
         LlamaCppRollout(tiny_q8, tok, n_threads=1, weights="base", cache_dir=tmp_path, lora="merged")
     with pytest.raises(RolloutBackendError, match="auto, merged, adapter"):
         LlamaCppRollout(tiny[1], tok, lora="fused")
+
+
+# --- bf16 rollout weights (for a model that trains in bf16) ------------------------------------------
+
+def test_auto_rollout_weights_follow_the_training_dtype(tiny, tmp_path):
+    from adapters.llama_rollout import resolve_rollout_weights, rollout_weights_file
+
+    assert resolve_rollout_weights("auto", torch.bfloat16) == "bf16"
+    assert resolve_rollout_weights("auto", torch.float32) == "f16"
+    assert resolve_rollout_weights("q8_0", torch.bfloat16) == "q8_0"  # an explicit choice is kept
+    with pytest.raises(RolloutBackendError, match="'q4_0'.*auto, f16, bf16"):
+        resolve_rollout_weights("q4_0", torch.float32)
+    with pytest.raises(RolloutBackendError, match="resolve_rollout_weights"):
+        rollout_weights_file(tiny[1], "auto", tmp_path)
+
+
+def test_bf16_merged_copy_holds_the_merged_export_to_bf16_rounding(tiny, tmp_path):
+    """The bf16 copy's adapted tensors are patched as bf16 bits, the merged export's values rounded once."""
+    from adapters.gguf_export import shape_from_hf_config, to_gguf_tensors
+    from adapters.llama_rollout import rollout_weights_file
+    from adapters.merged_rollout_weights import MergedWeights
+
+    folder, f32_path = tiny
+    copy = rollout_weights_file(f32_path, "bf16", tmp_path)
+    model, _ = _peft(folder)
+    shape = shape_from_hf_config(model.config.to_dict(), "tiny")
+    merged = MergedWeights(copy)
+    try:
+        matmul_slots = {name: slot for name, slot in merged._slots.items() if len(slot.shape) == 2}
+        assert matmul_slots and all(slot.dtype == torch.bfloat16 for slot in matmul_slots.values())
+        before = {name: _slot_values(merged, name).clone() for name in matmul_slots}
+        merged.write(model, "default", shape)
+        expected = to_gguf_tensors(model.merge_and_unload().state_dict(), shape, drop_output=True, where="tiny")
+        changed = 0
+        for name in matmul_slots:
+            got = _slot_values(merged, name)
+            torch.testing.assert_close(got, torch.from_numpy(expected[name]).to(torch.bfloat16), rtol=0, atol=0,
+                                       msg=name)
+            changed += not torch.equal(got, before[name])
+        assert changed == 7 * shape.n_blocks
+    finally:
+        merged.close()
+
+
+def test_bf16_rollouts_sample_the_live_lora_merged(tiny, tmp_path):
+    """Greedy tokens from the bf16 copy with the LoRA merged in follow HF generate's with the LoRA, not the base's.
+
+    bf16 rounds weights and llama.cpp's activations to 8 bits of mantissa, so a later near-tie may fall the
+    other way (one row of four did at token 8 here): the first tokens of every row must agree."""
+    folder, gguf_path = tiny
+    model, tok = _peft(folder)
+    prompts = _prompts(tok)
+    b = LlamaCppRollout(gguf_path, tok, n_threads=1, weights="bf16", cache_dir=tmp_path)
+    try:
+        assert b.base_gguf.name.endswith("-bf16.gguf") and b.lora_mode == "merged"
+        hf, lc = _greedy_pair(model, tok, b, prompts, max_new_tokens=12)
+        assert b.totals["merged_write"] > 0
+        assert torch.equal(hf.completion_ids[:, :6], lc.completion_ids[:, :6]), (hf.completion_ids, lc.completion_ids)
+        with model.disable_adapter():
+            base = b.generate(model, prompts, max_new_tokens=12, temperature=0.0)
+        assert not torch.equal(base.completion_ids[:, :6], lc.completion_ids[:, :6]), "the LoRA must reach llama.cpp"
+    finally:
+        b.close()

@@ -424,7 +424,8 @@ def test_the_llama_cpp_rollout_backend_needs_a_gguf_base(home, loader):
 def _loaded(kind: str, path: Path, device: str = "cpu"):
     from types import SimpleNamespace
 
-    return SimpleNamespace(source=SimpleNamespace(kind=kind, path=path), tokenizer=None, device=torch.device(device))
+    return SimpleNamespace(source=SimpleNamespace(kind=kind, path=path), tokenizer=None, device=torch.device(device),
+                           dtype=torch.float32)
 
 
 def _method(backend: str):
@@ -466,14 +467,15 @@ def test_cost_model_fingerprint_names_the_rollout_engine(tmp_path):
     """llama.cpp and HF generate sample at different rates: a switch must not plan with the other's rates."""
     from types import SimpleNamespace
 
-    def loaded(kind: str, device: str = "cpu"):
+    def loaded(kind: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
         return SimpleNamespace(source=SimpleNamespace(kind=kind, path=tmp_path, fingerprint="f" * 64),
-                               device=torch.device(device), dtype=torch.float32)
+                               device=torch.device(device), dtype=dtype)
 
-    def engine(overrides, kind="gguf", device="cpu", used=None):
-        return jobs._fingerprint_fn(loaded(kind, device), overrides, used)("edge")["rollout"]
+    def engine(overrides, kind="gguf", device="cpu", used=None, dtype=torch.float32):
+        return jobs._fingerprint_fn(loaded(kind, device, dtype), overrides, used)("edge")["rollout"]
 
     assert engine({}) == "llamacpp-f16"  # auto, GGUF base on CPU
+    assert engine({}, dtype=torch.bfloat16) == "llamacpp-bf16"  # auto weights follow a bf16 model
     assert engine({}, kind="hf") == "hf" and engine({}, device="cuda") == "hf"
     assert engine({"rollout": {"backend": "hf"}}) == "hf"
     assert engine({"rollout": {"llama_weights": "q8_0"}}) == "llamacpp-q8_0"
