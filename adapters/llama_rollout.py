@@ -68,6 +68,7 @@ _UBATCH = 512  # prefill tokens per physical batch: bounds the compute buffer
 _FLASH_ATTN = 0
 ROLLOUT_WEIGHTS = ("f16", "bf16", "q8_0", "base")  # what llama.cpp samples from (see rollout_weights_file)
 WEIGHTS_SETTINGS = ("auto", *ROLLOUT_WEIGHTS)  # rollout.llama_weights: auto follows the training dtype
+LORA_MODES = ("auto", "merged", "adapter")  # how the live LoRA reaches llama.cpp (see LlamaCppRollout)
 
 
 def resolve_rollout_weights(setting: str, model_dtype: torch.dtype) -> str:
@@ -85,7 +86,6 @@ def resolve_rollout_weights(setting: str, model_dtype: torch.dtype) -> str:
     if setting != "auto":
         return setting
     return "bf16" if model_dtype == torch.bfloat16 else "f16"
-LORA_MODES = ("auto", "merged", "adapter")  # how the live LoRA reaches llama.cpp (see LlamaCppRollout)
 
 
 class RolloutBackendError(RuntimeError):
@@ -109,7 +109,7 @@ def check_gguf_file(path: Path) -> Path:
 def rollout_weights_file(base_gguf: Path, weights: str, cache_dir: Path | None = None) -> Path:
     """The GGUF llama.cpp samples from: the base itself, or a copy of it stored as `weights`, made once.
 
-    `f16` (default): a quantised base's values to f16 rounding, unquantised in llama.cpp's matmuls;
+    `f16` (for an fp32 model): a quantised base's values to f16 rounding, unquantised in llama.cpp's matmuls;
     `bf16` the same to bf16 rounding (for a model trained in bf16: `resolve_rollout_weights`).
     Measured for SmolLM2-135M Q4_1 by bench/rollout_fidelity.py (mean KL(torch || llama.cpp) of the
     next-token distributions over adapters/verify.py's 280 probe positions; tokens/s at batch 8 x 64 on
