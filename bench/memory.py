@@ -12,20 +12,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.siblings, and the repository's packages
 
+from bench.siblings import load  # noqa: E402  (after the path)
 
-def rss_gb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 1e9
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+# one definition of RSS and of ru_maxrss's KiB for every benchmark (bench/throughput.py)
+rss_gb = load("throughput").rss_gb
+peak_rss_gb = load("throughput").peak_rss_gb
 
 
 class StagePeaks:
